@@ -1,0 +1,313 @@
+"""CIFAR-10 on the training device: reading the official pickle layout, the paper's
+preprocessing (per-pixel mean subtracted, no std) and its augmentation done on whole batches."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import shutil
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+TARBALL = "cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+FOLDER = "cifar-10-batches-py"
+TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_BATCH = "test_batch"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+PAD = 4  # the paper pads 4 pixels on each side, then crops 32x32
+
+HOW_TO_GET = (
+    "Run `make repro` (it downloads and checks the tarball with DVC), or put the official "
+    f"{TARBALL} (md5 {MD5}) in data/ and run `python -m replicate.data prepare "
+    f"data/{TARBALL} data`."
+)
+
+
+@dataclass
+class Cifar10:
+    """CIFAR-10 as uint8 images (N, 3, 32, 32), RGB, and int64 labels (N,)."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file of the official pickle layout: a dict with `data` (N, 3072) and `labels`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing CIFAR-10 batch file {path}. {HOW_TO_GET}")
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        images = data.reshape(-1, 3, 32, 32)
+    except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, KeyError, ...
+        raise ValueError(
+            f"{path} is not a readable CIFAR-10 batch ({type(e).__name__}: {e}); the file is "
+            f"corrupt or truncated. Delete {path.parent} and prepare the data again. {HOW_TO_GET}"
+        ) from None
+    if len(images) != len(labels):
+        raise ValueError(f"{path} holds {len(images)} images but {len(labels)} labels: the file is corrupt")
+    return images, labels
+
+
+def load_cifar10(root: str | Path) -> Cifar10:
+    """Read a torchvision-style root that holds `cifar-10-batches-py/` (any size, official layout).
+
+    Integrity is checked once, when the tarball is prepared (`prepare`), not here, so small
+    generated folders in the same layout load too.
+    """
+    folder = Path(root) / FOLDER
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"no CIFAR-10 at {folder}: expected {folder}/data_batch_1..5 and {folder}/test_batch "
+            f"in the official pickle layout. {HOW_TO_GET}"
+        )
+    train = [read_batch(folder / name) for name in TRAIN_BATCHES]
+    test_x, test_y = read_batch(folder / TEST_BATCH)
+    return Cifar10(
+        np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), test_x, test_y
+    )
+
+
+def write_cifar10(root: str | Path, data: Cifar10) -> Path:
+    """Write `data` in the official pickle layout under `root/cifar-10-batches-py/`."""
+    folder = Path(root) / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = zip(np.array_split(data.train_x, 5), np.array_split(data.train_y, 5))
+    for name, (x, y) in zip(TRAIN_BATCHES + [TEST_BATCH], [*parts, (data.test_x, data.test_y)]):
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [int(v) for v in y],
+            b"data": np.ascontiguousarray(x.reshape(len(x), 3072), dtype=np.uint8),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(len(x))],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return folder
+
+
+def synthetic(n_train: int = 500, n_test: int = 100, seed: int = 0) -> Cifar10:
+    """Random CIFAR-shaped data that a net can learn: each class has its own mean colour and
+    stripe pattern under noise. For tests and benchmarks where real CIFAR-10 is absent."""
+    rng = np.random.default_rng(seed)
+    ii, jj = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    colours = rng.uniform(60, 200, size=(10, 3, 1, 1))
+    patterns = np.stack([np.sin((ii * (k % 5 + 1) + jj * (k // 5 + 1)) / 3.0) for k in range(10)])
+
+    def draw(n):
+        y = rng.integers(0, 10, size=n)
+        x = colours[y] + 40 * patterns[y][:, None] + rng.normal(0, 40, size=(n, 3, 32, 32))
+        return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+    return Cifar10(*draw(n_train), *draw(n_test))
+
+
+def md5sum(path: str | Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(root: str | Path, url: str = URL, md5: str = MD5) -> Path:
+    """Fetch the tarball into `root` with a progress bar and check its md5 (torchvision's helper).
+    The pipeline downloads through `dvc update data.dvc`; this is for use without DVC."""
+    from torchvision.datasets.utils import download_url
+
+    download_url(url, str(root), filename=TARBALL, md5=md5)
+    path = Path(root) / TARBALL
+    if md5sum(path) != md5:
+        raise ValueError(f"downloaded {path} has md5 {md5sum(path)}, expected {md5}: delete it and retry")
+    return path
+
+
+def prepare(tarball: str | Path, root: str | Path, md5: str = MD5) -> Path:
+    """Check the tarball's md5, then extract `cifar-10-batches-py/` into `root`.
+
+    Extraction goes to a temporary folder beside the target and is renamed into place at the
+    end, so a failure never leaves a half-extracted folder behind.
+    """
+    tarball, root = Path(tarball), Path(root)
+    if not tarball.is_file():
+        raise FileNotFoundError(f"no tarball at {tarball}. {HOW_TO_GET}")
+    got = md5sum(tarball)
+    if got != md5:
+        raise ValueError(
+            f"{tarball} has md5 {got}, expected {md5}: the file is corrupt, truncated or not the "
+            f"official CIFAR-10 python tarball. Delete it and run `make repro` to download it again."
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / FOLDER
+    with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
+        try:
+            with tarfile.open(tarball, "r:gz") as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ValueError(f"{tarball} is not a readable tar.gz ({e}). {HOW_TO_GET}") from None
+        extracted = Path(tmp) / FOLDER
+        if not extracted.is_dir():
+            raise ValueError(f"{tarball} has no {FOLDER}/ folder: it is not the CIFAR-10 python tarball")
+        for name in TRAIN_BATCHES + [TEST_BATCH]:
+            read_batch(extracted / name)  # fail now, not in the middle of training
+        if target.exists():
+            shutil.rmtree(target)
+        extracted.rename(target)
+    return target
+
+
+@dataclass
+class Split:
+    """The arrays one run trains and evaluates on, and the per-pixel mean of its training images."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    val_x: np.ndarray | None
+    val_y: np.ndarray | None
+    mean: np.ndarray  # (3, 32, 32) float32, in [0, 1] units
+
+
+def split(data: Cifar10, val_size: int = 0, seed: int = 0) -> Split:
+    """Hold out `val_size` training images (the paper's 45k/5k split uses 5000), chosen by `seed`."""
+    if not 0 <= val_size < len(data.train_x):
+        raise ValueError(f"val_size must be in [0, {len(data.train_x)}), got {val_size}")
+    order = np.random.default_rng(seed).permutation(len(data.train_x))
+    train, val = np.sort(order[val_size:]), np.sort(order[:val_size])
+    train_x = data.train_x[train]
+    mean = (train_x.astype(np.float64).mean(axis=0) / 255.0).astype(np.float32)
+    val_x, val_y = (data.train_x[val], data.train_y[val]) if val_size else (None, None)
+    return Split(train_x, data.train_y[train], data.test_x, data.test_y, val_x, val_y, mean)
+
+
+def normalize(images: np.ndarray | torch.Tensor, mean: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """uint8 (N, 3, 32, 32) -> float32 in [0, 1] minus the per-pixel mean (no std, as in the paper).
+
+    The uint8 array goes to the device first (4x fewer bytes to move) and is converted there.
+    """
+    x = torch.as_tensor(images, device=device)
+    return x.float().div_(255.0).sub_(torch.as_tensor(mean, device=device))
+
+
+def crop_flip(padded: torch.Tensor, index: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
+              flip: torch.Tensor) -> torch.Tensor:
+    """Random-crop-and-flip a whole batch with one gather.
+
+    padded: (N, C, 32+2*PAD, 32+2*PAD) images; index, dy, dx, flip: (B,) per-image choices.
+    Returns (B, C, 32, 32): image index[b] cropped at rows dy[b].., cols dx[b].., mirrored
+    left-right where flip[b]. No per-image Python work and no host-device sync.
+    """
+    c = padded.shape[1]
+    ar = torch.arange(32, device=padded.device)
+    rows = dy[:, None] + ar                                        # (B, 32)
+    cols = dx[:, None] + torch.where(flip[:, None], 31 - ar, ar)   # (B, 32), reversed if flipped
+    return padded[
+        index[:, None, None, None],
+        torch.arange(c, device=padded.device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A well-mixed seed per (run seed, epoch), so any batch can be rebuilt from those two numbers."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class CifarLoader:
+    """Training batches that live on the device, in the style of airbench's CifarLoader.
+
+    The images are normalised and zero-padded once. Each epoch draws one permutation and every
+    image's crop offset and flip with a generator seeded from (seed, epoch), so the batch of any
+    iteration is a pure function of (seed, iteration): resuming needs no loader state. The last
+    incomplete batch of each epoch is dropped, so every iteration sees `batch_size` images.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: np.ndarray, batch_size: int,
+                 seed: int = 0, device: str | torch.device = "cpu",
+                 memory_format: torch.memory_format = torch.contiguous_format):
+        if batch_size > len(images):
+            raise ValueError(f"batch_size {batch_size} is larger than the {len(images)} training images")
+        self.device = torch.device(device)
+        # Zero padding after mean subtraction, as fb.resnet.torch does: the border is the mean image.
+        self.padded = F.pad(normalize(images, mean, self.device), (PAD,) * 4)
+        self.labels = torch.as_tensor(labels, device=self.device)
+        self.batch_size, self.seed, self.memory_format = batch_size, seed, memory_format
+        self.per_epoch = len(images) // batch_size
+        self.generator = torch.Generator(device=self.device)
+        self._epoch = None
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def _draw(self, epoch: int) -> None:
+        n, g = len(self.labels), self.generator
+        g.manual_seed(epoch_seed(self.seed, epoch))
+        self.order = torch.randperm(n, generator=g, device=self.device)
+        self.offsets = torch.randint(0, 2 * PAD + 1, (2, n), generator=g, device=self.device)
+        self.flips = torch.rand(n, generator=g, device=self.device) < 0.5
+        self._epoch = epoch
+
+    def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmented batch of a given iteration (0-based)."""
+        epoch, k = divmod(iteration, self.per_epoch)
+        if epoch != self._epoch:
+            self._draw(epoch)
+        sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
+        index = self.order[sl]
+        dy, dx = self.offsets[0, sl], self.offsets[1, sl]
+        x = crop_flip(self.padded, index, dy, dx, self.flips[sl])
+        return x.contiguous(memory_format=self.memory_format), self.labels[index]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch starting from the first (useful on its own, as airbench's loader is)."""
+        return (self.batch(i) for i in range(self.per_epoch))
+
+
+def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
+                 memory_format: torch.memory_format = torch.contiguous_format):
+    """Unaugmented evaluation batches in order: the single 32x32 view the paper tests on."""
+    for i in range(0, len(images), batch_size):
+        yield images[i:i + batch_size].contiguous(memory_format=memory_format), labels[i:i + batch_size]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m replicate.data prepare TARBALL ROOT [--md5 MD5]`, or `download ROOT`."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m replicate.data", description=main.__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", help="check the tarball's md5 and extract it")
+    pp.add_argument("tarball")
+    pp.add_argument("root")
+    pp.add_argument("--md5", default=MD5)
+    pd = sub.add_parser("download", help="download the official tarball (without DVC)")
+    pd.add_argument("root")
+    pd.add_argument("--url", default=URL)
+    pd.add_argument("--md5", default=MD5)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "prepare":
+            print(f"prepared {prepare(args.tarball, args.root, args.md5)}")
+        else:
+            print(f"downloaded {download(args.root, args.url, args.md5)}")
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
