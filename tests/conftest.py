@@ -1,0 +1,41 @@
+"""Shared fixtures: small CIFAR-10 data in the official layout, made on the fly (no downloads,
+nothing from outside the repository)."""
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from replicate import data as cifar
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_tarball(path: Path, dataset: cifar.Cifar10) -> Path:
+    """A tar.gz laid out like the official cifar-10-python.tar.gz, holding `dataset`."""
+    staging = path.parent / f".{path.name}.staging"
+    folder = cifar.write_cifar10(staging, dataset)
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname=cifar.FOLDER)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_dataset() -> cifar.Cifar10:
+    """500 training and 100 test images of learnable synthetic data."""
+    return cifar.synthetic(500, 100, seed=0)
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory, small_dataset) -> Path:
+    """A torchvision-style root holding cifar-10-batches-py/ with the small dataset."""
+    root = tmp_path_factory.mktemp("cifar")
+    cifar.write_cifar10(root, small_dataset)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_tarball(tmp_path_factory, small_dataset) -> Path:
+    """The small dataset packed like the official tarball."""
+    return make_tarball(tmp_path_factory.mktemp("tarball") / cifar.TARBALL, small_dataset)
