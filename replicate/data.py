@@ -128,10 +128,15 @@ def download(root: str | Path, url: str = URL, md5: str = MD5) -> Path:
     The pipeline downloads through `dvc update data.dvc`; this is for use without DVC."""
     from torchvision.datasets.utils import download_url
 
-    download_url(url, str(root), filename=TARBALL, md5=md5)
     path = Path(root) / TARBALL
-    if md5sum(path) != md5:
-        raise ValueError(f"downloaded {path} has md5 {md5sum(path)}, expected {md5}: delete it and retry")
+    try:
+        download_url(url, str(root), filename=TARBALL, md5=md5)
+    except RuntimeError:  # torchvision's "File not found or corrupted." after an md5 mismatch
+        got = md5sum(path) if path.exists() else "nothing"
+        path.unlink(missing_ok=True)
+        raise ValueError(f"download from {url} has md5 {got}, expected {md5}; deleted it, retry") from None
+    except OSError as e:
+        raise ConnectionError(f"could not download {url} ({e}). Offline? {HOW_TO_GET}") from None
     return path
 
 

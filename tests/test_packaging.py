@@ -1,0 +1,61 @@
+"""The two ways to install (pip and conda) name the same dependencies, and the entry points
+that a new user and CI rely on exist."""
+
+import re
+import tomllib
+
+import yaml
+
+from conftest import ROOT
+
+CONDA_TO_PIP = {"pytorch": "torch"}  # conda-forge names that differ from PyPI's
+NOT_DEPENDENCIES = {"python", "pip"}
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    name, version = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", spec).groups()
+    return name.lower(), version.replace(" ", "")
+
+
+def pip_dependencies() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [d for deps in project["optional-dependencies"].values() for d in deps]
+    return dict(split_spec(s) for s in specs)
+
+
+def conda_dependencies() -> dict[str, str]:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    deps = {}
+    for spec in env["dependencies"]:
+        if isinstance(spec, str):
+            name, version = split_spec(spec.replace("=", "==", 1) if re.search(r"[^<>=!]=[^=]", spec) else spec)
+            if name not in NOT_DEPENDENCIES:
+                deps[CONDA_TO_PIP.get(name, name)] = version
+    return deps
+
+
+def test_pyproject_and_environment_yml_agree():
+    assert conda_dependencies() == pip_dependencies()
+
+
+def test_the_chosen_dependencies_are_all_declared():
+    assert {"torch", "torchvision", "jupyterlab", "papermill", "pandas", "seaborn", "dvc", "pytest",
+            "nbval"} <= pip_dependencies().keys()
+
+
+def test_environment_yml_installs_the_project_itself():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "-e ." in pip_section
+
+
+def test_ci_runs_make_test():
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_quick_start_names_make_repro_and_make_test():
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "make repro" in quick_start and "make test" in quick_start
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^repro:", makefile, re.M) and re.search(r"^test:", makefile, re.M)

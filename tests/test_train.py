@@ -1,0 +1,160 @@
+"""The training engine: the paper's schedule and warm-up, outputs, divergence and bad input."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from replicate import train as engine
+from replicate.train import Config, train
+
+TINY = dict(arch="resnet", depth=8, batch_size=32, log_every=10, eval_every=20, checkpoint_every=20,
+            device="cpu")
+
+
+def tiny(**kw) -> Config:
+    return Config(**{**TINY, "iterations": 40, "milestones": [20, 30], **kw})
+
+
+def test_schedule_divides_by_ten_at_each_milestone(small_dataset):
+    result = train(tiny(), dataset=small_dataset, progress=False)
+    h = result.history
+    assert h.iteration.tolist() == [10, 20, 30, 40]
+    # row i holds the lr used by its last iteration: iterations 1..20 at 0.1, 21..30 at 0.01, then 0.001
+    assert h.lr.tolist() == pytest.approx([0.1, 0.1, 0.01, 0.001])
+
+
+def test_warm_up_is_on_for_depth_110_and_up_by_default():
+    assert Config(depth=110).warmup and Config(depth=1202).warmup
+    assert not Config(depth=56).warmup
+    assert not Config(depth=110, warmup=False).warmup
+
+
+def test_warm_up_runs_at_lr_001_then_returns_to_01(small_dataset):
+    # warmup_until=95: the first interval's training error (~90% at start) is already below it
+    result = train(tiny(warmup=True, warmup_until=95.0), dataset=small_dataset, progress=False)
+    assert result.history.lr.tolist() == pytest.approx([0.01, 0.1, 0.01, 0.001])
+    assert result.metrics["warmup_ended_at"] == 10
+
+
+def test_warm_up_lasts_while_training_error_stays_high(small_dataset):
+    result = train(tiny(warmup=True, warmup_until=0.0), dataset=small_dataset, progress=False)
+    assert result.history.lr.tolist() == pytest.approx([0.01, 0.01, 0.001, 0.0001])
+    assert result.metrics["warmup_ended_at"] is None
+
+
+def test_outputs_and_the_reported_test_error_is_the_final_iterations(tmp_path, cifar_root):
+    result = train(tiny(iterations=60, milestones=[40]), cifar_root, tmp_path, progress=False)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("arch", "depth", "params", "seed", "iterations", "train_error", "test_error", "diverged",
+                "seconds", "device", "torch"):
+        assert key in m
+    assert (m["arch"], m["depth"], m["params"], m["iterations"], m["diverged"]) == ("resnet", 8, 75_290, 60, False)
+    h = pd.read_csv(tmp_path / "history.csv")
+    assert list(h.columns) == ["iteration", "lr", "train_loss", "train_error", "test_error"]
+    evaluated = h.dropna(subset=["test_error"])
+    assert evaluated.iteration.tolist() == [20, 40, 60]
+    assert m["test_error"] == evaluated.test_error.iloc[-1]
+    assert m["train_error"] == h.train_error.iloc[-1]
+    # the final weights give the final test error
+    model = engine.build("resnet", 8)
+    model.load_state_dict(torch.load(tmp_path / "model.pt"))
+    assert torch.equal(model.fc.weight, result.model.fc.weight.cpu())
+    responses = pd.read_csv(tmp_path / "responses.csv")
+    assert responses.layer.tolist() == list(range(1, 8)) and (responses["std"] > 0).all()
+
+
+def test_training_learns(small_dataset):
+    result = train(tiny(iterations=100, milestones=[80]), dataset=small_dataset, progress=False)
+    assert result.history.train_loss.iloc[-1] < result.history.train_loss.iloc[0]
+    assert result.metrics["test_error"] < 50  # chance is 90%
+
+
+def test_validation_split_is_reported(small_dataset):
+    result = train(tiny(val_size=100, iterations=20), dataset=small_dataset, progress=False)
+    assert "val_error" in result.history.columns and result.metrics["val_error"] is not None
+
+
+@pytest.fixture
+def nan_after(monkeypatch):
+    """Make the loss non-finite from a given (1-based) iteration on."""
+    def install(iteration):
+        real, calls = engine.F.cross_entropy, {"n": 0}
+
+        def poisoned(*args, **kwargs):
+            calls["n"] += 1
+            loss = real(*args, **kwargs)
+            return loss * float("nan") if calls["n"] >= iteration else loss
+        monkeypatch.setattr(engine.F, "cross_entropy", poisoned)
+    return install
+
+
+def test_divergence_is_recorded_not_raised_and_the_grid_goes_on(tmp_path, small_dataset, nan_after):
+    nan_after(25)
+    result = train(tiny(), dataset=small_dataset, out_dir=tmp_path / "a", progress=False)
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert m["diverged"] is True and m["diverged_at"] == 25
+    assert m["test_error"] is None and m["train_error"] is None
+    assert result.history.iteration.iloc[-1] == 30  # stopped at the first check after it
+    assert math.isnan(result.history.train_loss.iloc[-1])
+    # running it again does not retrain or fail: the record stands
+    again = train(tiny(), dataset=small_dataset, out_dir=tmp_path / "a", progress=False)
+    assert again.metrics["diverged_at"] == 25
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, small_dataset):
+    train(tiny(iterations=20), dataset=small_dataset, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="checkpoint of resnet-8 .* but this run is plain-14"):
+        train(tiny(arch="plain", depth=14, iterations=20), dataset=small_dataset, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="other settings.*'lr': \\(0.1, 0.05\\)"):
+        train(tiny(iterations=20, lr=0.05), dataset=small_dataset, out_dir=tmp_path, progress=False)
+
+
+def test_a_finished_run_can_be_extended(tmp_path, small_dataset):
+    short = train(tiny(iterations=20), dataset=small_dataset, out_dir=tmp_path, progress=False)
+    longer = train(tiny(iterations=40), dataset=small_dataset, out_dir=tmp_path, progress=False)
+    assert short.metrics["iterations"] == 20 and longer.metrics["iterations"] == 40
+    assert longer.history.iteration.tolist() == [10, 20, 30, 40]
+
+
+@pytest.mark.parametrize("values, match", [
+    (dict(depth=21), "6n\\+2"),
+    (dict(arch="densenet"), "arch must be"),
+    (dict(iterations=0), "iterations must be a positive integer"),
+    (dict(milestones=[48_000, 32_000]), "milestones must be increasing"),
+    (dict(learning_rate=0.1), "unknown training parameter.*learning_rate"),
+])
+def test_bad_config_is_rejected_before_training(values, match):
+    with pytest.raises(ValueError, match=match):
+        Config.from_dict(values)
+
+
+def test_missing_data_root_is_reported_by_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        train(tiny(), tmp_path / "no-data", progress=False)
+
+
+def test_save_atomic_never_leaves_half_a_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    engine.save_atomic({"iteration": 1}, path)
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        engine.save_atomic({"iteration": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"iteration": 1}
+
+
+def test_cli_trains_from_params_file(tmp_path, cifar_root, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  iterations: 20\n  milestones: [10]\n  batch_size: 32\n  log_every: 10\n"
+                      "  eval_every: 10\n  checkpoint_every: 10\n  device: cpu\n")
+    engine.main(["--params", str(params), "--data", str(cifar_root), "--out", str(tmp_path / "run"),
+                 "--arch", "plain", "--depth", "8"])
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (m["arch"], m["depth"], m["iterations"], m["config"]["milestones"]) == ("plain", 8, 20, [10])
