@@ -33,3 +33,20 @@ test: $(STAMP)
 .PHONY: test-fast
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+## repro: fetch and check CIFAR-10 (data.dvc), then train the grid of params.yaml (dvc repro)
+.PHONY: repro
+repro: $(STAMP)
+	$(PY) -m replicate.pipeline fetch
+	dvc repro
+
+## lab: open JupyterLab here, in .venv: notebooks/ and every executed run in results/
+.PHONY: lab
+lab: $(STAMP)
+	@# The venv's kernels first: a user's own "python3" kernel (~/.local/share/jupyter) would win.
+	JUPYTER_PATH=$(abspath $(VENV))/share/jupyter jupyter lab
+
+## bench: engine vs a reference-style trainer, ResNet-20 and -56 side by side (reports/bench.json; BENCH_ARGS="--concurrent 4")
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) -m replicate.bench $(BENCH_ARGS)

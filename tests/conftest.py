@@ -10,6 +10,10 @@ import pytest
 from replicate import data as cifar
 
 ROOT = Path(__file__).resolve().parents[1]
+# fixtures/report.ipynb holds the report notebook's expected outputs on fixtures/runs;
+# test_report.py runs nbval on a copy of it. Never collect it in place (e.g. under --nbval),
+# which would write reports/ into the checkout.
+collect_ignore = ["fixtures"]
 
 
 def make_tarball(path: Path, dataset: cifar.Cifar10) -> Path:

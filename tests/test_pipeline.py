@@ -1,0 +1,195 @@
+"""params.yaml, dvc.yaml, data.dvc and notebooks/train.ipynb agree with each other and with the
+paper; the grid is validated before anything trains; `fetch` finds, checks or explains the data."""
+
+import ast
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import papermill
+import pytest
+import yaml
+
+from conftest import make_tarball
+from replicate import data as cifar
+from replicate import pipeline
+from replicate.train import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID_FIELDS = {"arch", "depth", "seed"}
+
+
+@pytest.fixture(scope="module")
+def params():
+    return pipeline.load_params(ROOT / "params.yaml")
+
+
+def notebook_defaults() -> dict:
+    found = papermill.inspect_notebook(str(ROOT / "notebooks" / "train.ipynb"))
+    return {name: ast.literal_eval(p["default"]) for name, p in found.items()}
+
+
+def test_params_hold_the_papers_protocol_and_grid(params):
+    train = params["train"]
+    assert train["iterations"] == 64_000 and train["milestones"] == [32_000, 48_000]
+    assert (train["lr"], train["batch_size"], train["momentum"], train["weight_decay"]) == (0.1, 128, 0.9, 1e-4)
+    assert train["warmup"] is None and train["warmup_lr"] == 0.01 and train["warmup_until"] == 80.0
+    assert train["shortcut"] == "A" and train["val_size"] == 0 and train["device"] == "auto"
+    assert params["grid"] == {"archs": ["plain", "resnet"], "depths": [20, 32, 44, 56, 110], "seeds": [0]}
+    assert params["data"]["md5"] == cifar.MD5
+    cfg = pipeline.config(params, pipeline.Run("resnet", 110, 0))
+    assert cfg.warmup, "ResNet-110 warms up, by the paper's rule"
+
+
+def test_every_hyperparameter_is_in_params_and_in_the_notebook(params):
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert set(params["train"]) == fields - GRID_FIELDS
+    assert set(notebook_defaults()) == fields | {"data_root", "out_dir"}
+
+
+def test_notebook_defaults_are_the_papers_resnet20_run(params):
+    defaults = notebook_defaults()
+    assert (defaults["arch"], defaults["depth"], defaults["seed"]) == ("resnet", 20, 0)
+    assert {k: defaults[k] for k in params["train"]} == params["train"]
+    assert defaults["data_root"] == "../data" and defaults["out_dir"] == "../results/resnet-20-0"
+
+
+def test_run_names_are_dvcs_matrix_stage_names(params):
+    listed = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert [s for s in listed if s.startswith("train@")] == [f"train@{r.name}" for r in pipeline.runs(params)]
+    assert "train@resnet-56-0" in listed and {"prepare", "check"} <= set(listed)
+
+
+def test_check_names_every_bad_run_before_training(params):
+    bad = {**params, "grid": {"archs": ["plain", "resnat"], "depths": [20, 21], "seeds": [0]}}
+    with pytest.raises(ValueError) as e:
+        pipeline.check(bad)
+    msg = str(e.value)
+    assert "nothing was trained" in msg
+    for name in ("resnat-20-0", "resnat-21-0", "plain-21-0"):
+        assert f"train@{name}" in msg
+    assert "train@plain-20-0" not in msg
+    assert "arch must be" in msg and "depth must be 6n+2" in msg
+
+
+@pytest.mark.parametrize("grid, error", [
+    ({"archs": [], "depths": [20], "seeds": [0]}, "grid.archs must be a non-empty list"),
+    ({"archs": ["plain"], "depths": [20, 20], "seeds": [0]}, "lists a value twice"),
+    ({"archs": ["plain"], "depths": [20], "seeds": [0], "widths": [1]}, "unknown grid key"),
+])
+def test_malformed_grid_is_refused(params, grid, error):
+    with pytest.raises(ValueError, match=error):
+        pipeline.check({**params, "grid": grid}, notebook=None)
+
+
+def test_check_refuses_unknown_train_keys_and_notebook_drift(params, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown training parameter\(s\) \['lr_decay'\]"):
+        pipeline.check({**params, "train": {**params["train"], "lr_decay": 0.1}}, notebook=None)
+    with pytest.raises(ValueError, match="belongs in the grid"):
+        pipeline.check({**params, "train": {**params["train"], "depth": 20}}, notebook=None)
+    nb = json.loads((ROOT / "notebooks" / "train.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    cell["source"] = [line for line in cell["source"] if not line.startswith("cuda_graphs")]
+    (tmp_path / "train.ipynb").write_text(json.dumps(nb))
+    with pytest.raises(ValueError, match=r"no parameter\(s\) \['cuda_graphs'\]"):
+        pipeline.check(params, tmp_path / "train.ipynb")
+
+
+def test_check_command_writes_a_constant_stamp(tmp_path):
+    """The train stages depend on the stamp: widening the grid must not change it."""
+    stamps = []
+    for seeds in ([0], [0, 1, 2]):
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        params["grid"]["seeds"] = seeds
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        pipeline.main(["--params", str(tmp_path / "params.yaml"), "check", "--stamp", str(tmp_path / "ok")])
+        stamps.append((tmp_path / "ok").read_bytes())
+    assert stamps[0] == stamps[1]
+
+
+def test_train_stage_deps_cover_the_code_it_runs():
+    """A change to any module the stage imports must rerun it: each is listed in its deps."""
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    code = "import sys, replicate.pipeline, replicate.train; print(*[m.__file__ for n, m in sys.modules.items() if n.startswith('replicate')])"
+    files = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    used = {Path(f).resolve().relative_to(ROOT).as_posix() for f in files}
+    assert used <= set(stage["deps"]), used - set(stage["deps"])
+    assert {"notebooks/train.ipynb", "data/cifar-10-batches-py", "results/grid.checked"} <= set(stage["deps"])
+    assert {"persist": True} == next(o for o in stage["outs"] if isinstance(o, dict))["results/${key}/checkpoint.pt"]
+
+
+def test_data_pin_is_the_official_tarball():
+    pin = yaml.safe_load((ROOT / "data.dvc").read_text())
+    assert pin["frozen"] is True
+    assert pin["deps"][0]["path"] == cifar.URL
+    assert pin["outs"][0] == {"md5": cifar.MD5, "size": 170_498_071, "hash": "md5", "path": f"data/{cifar.TARBALL}"}
+    # its stage md5 is current: DVC would otherwise see a changed stage and rerun the import
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        assert repo.stage.load_one(str(ROOT / "data.dvc")).compute_md5() == pin["md5"]
+
+
+# --- fetch: `make repro`'s first step -----------------------------------------------------------
+
+
+def dvc(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.fixture
+def offline_repo(tmp_path):
+    """A DVC repo whose data.dvc imports from a URL nobody answers (port 9 refuses at once)."""
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    assert dvc("init", "-q", cwd=tmp_path).returncode == 0
+    text = (ROOT / "data.dvc").read_text().replace(cifar.URL, "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    (tmp_path / "data.dvc").write_text(text)
+    pipeline.restamp(tmp_path / "data.dvc")
+    (tmp_path / "data").mkdir()
+    return tmp_path
+
+
+def test_fetch_offline_says_where_to_put_the_tarball(offline_repo):
+    before = (offline_repo / "data.dvc").read_text()
+    with pytest.raises(FileNotFoundError) as e:
+        pipeline.fetch(cifar.MD5, offline_repo / "data.dvc")
+    msg = str(e.value)
+    assert str((offline_repo / "data" / cifar.TARBALL).resolve()) in msg
+    assert cifar.MD5 in msg and "170498071 bytes" in msg and "make repro" in msg
+    assert (offline_repo / "data.dvc").read_text() == before
+
+
+def test_fetch_accepts_a_copy_by_hand_without_download(offline_repo, cifar_tarball):
+    md5 = cifar.md5sum(cifar_tarball)
+    pin = offline_repo / "data.dvc"
+    pin.write_text(pin.read_text().replace(cifar.MD5, md5))
+    pipeline.restamp(pin)
+    assert "not in cache" in dvc("status", "data.dvc", cwd=offline_repo).stdout
+    shutil.copy(cifar_tarball, offline_repo / "data" / cifar.TARBALL)
+    before = pin.read_text()
+    assert pipeline.fetch(md5, pin) == offline_repo / "data" / cifar.TARBALL
+    # in the cache now, so the frozen import is up to date and `dvc repro` needs no network
+    assert "not in cache" not in dvc("status", "data.dvc", cwd=offline_repo).stdout
+    done = dvc("repro", "data.dvc", cwd=offline_repo)
+    assert done.returncode == 0, done.stderr
+    assert pin.read_text() == before
+
+
+def test_fetch_refuses_a_copy_with_the_wrong_md5(offline_repo, cifar_tarball):
+    shutil.copy(cifar_tarball, offline_repo / "data" / cifar.TARBALL)
+    with pytest.raises(ValueError, match=f"has md5 {cifar.md5sum(cifar_tarball)}, expected {cifar.MD5}"):
+        pipeline.fetch(cifar.MD5, offline_repo / "data.dvc")
+
+
+def test_fetch_command_reads_the_md5_from_params(offline_repo, tmp_path_factory, small_dataset):
+    tarball = make_tarball(tmp_path_factory.mktemp("other") / cifar.TARBALL, small_dataset)
+    shutil.copy(tarball, offline_repo / "data" / cifar.TARBALL)
+    (offline_repo / "params.yaml").write_text(yaml.safe_dump({"data": {"md5": "0" * 32}, "train": {}, "grid": {}}))
+    with pytest.raises(SystemExit, match="expected 0{32}"):
+        pipeline.main(["--params", str(offline_repo / "params.yaml"), "fetch",
+                       "--dvc-file", str(offline_repo / "data.dvc")])
