@@ -29,8 +29,9 @@ from .models import build, check_depth, record_responses
 
 CHECKPOINT = "checkpoint.pt"
 # Fields that define the experiment: a checkpoint may only be resumed by the same ones.
+# (log_every too: the warm-up is judged, and the saved partial interval sized, per log interval.)
 PROTOCOL = ("arch", "depth", "shortcut", "seed", "milestones", "lr", "batch_size", "momentum",
-            "weight_decay", "warmup", "warmup_lr", "warmup_until", "val_size")
+            "weight_decay", "warmup", "warmup_lr", "warmup_until", "val_size", "log_every")
 
 
 @dataclass

@@ -110,6 +110,8 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, small_dat
         train(tiny(arch="plain", depth=14, iterations=20), dataset=small_dataset, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="other settings.*'lr': \\(0.1, 0.05\\)"):
         train(tiny(iterations=20, lr=0.05), dataset=small_dataset, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="other settings.*'log_every': \\(10, 5\\)"):
+        train(tiny(iterations=20, log_every=5), dataset=small_dataset, out_dir=tmp_path, progress=False)
 
 
 def test_a_finished_run_can_be_extended(tmp_path, small_dataset):
