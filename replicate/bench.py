@@ -84,49 +84,31 @@ def load_average() -> list[float] | None:
 # --- 1. the project's engine --------------------------------------------------------------------
 
 class Engine:
-    """`replicate.train`'s engine: the same set-up and step as `train.train` (minus evaluation and
-    checkpoints, which a long run does rarely): data on the device, batched crop/flip,
-    channels_last, bf16 autocast and fused SGD on CUDA, torch.compile where it pays.
-    Keep it in step with `train.train` when that changes."""
+    """`replicate.train`'s engine, built by the same `train.make_engine`, and its loop minus
+    evaluation and checkpoints (which a long run does rarely)."""
 
     def __init__(self, data: cifar.Cifar10, arch: str, depth: int, device: torch.device, *, batch_size: int = 128,
                  seed: int = 0, run_length: int = 55, compile: bool | str = "auto", cuda_graphs: bool = False,
                  log_every: int = 100):
-        cfg = train.Config(arch=arch, depth=depth, batch_size=batch_size, seed=seed, iterations=run_length,
-                           log_every=log_every, device=str(device), compile=compile, cuda_graphs=cuda_graphs)
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            torch.backends.cudnn.benchmark = True
-        ds = cifar.split(data, 0, seed)
-        self.loader = cifar.CifarLoader(ds.train_x, ds.train_y, ds.mean, batch_size, seed, device, torch.channels_last)
-        torch.manual_seed(seed)
-        self.model = build(arch, depth).to(device, memory_format=torch.channels_last)
-        self.optimizer = train.make_optimizer(self.model, cfg, device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, train.PaperSchedule(cfg.milestones, cfg.warmup_lr / cfg.lr, cfg.warmup))
-        self.compiled = train.compile_pays(cfg.compile, device, run_length)
-        self.cuda_graphs = self.compiled and self.cuda and cuda_graphs
-        self.step_model = (torch.compile(self.model, mode="reduce-overhead" if self.cuda_graphs else None)
-                           if self.compiled else self.model)
-        self.bf16, self.log_every = cfg.bf16, log_every
-        self.interval = torch.zeros(2, log_every, device=device)
-        self.model.train()
-
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda and self.bf16)
+        self.cfg = train.Config(arch=arch, depth=depth, batch_size=batch_size, seed=seed, iterations=run_length,
+                                log_every=log_every, device=str(device), compile=compile, cuda_graphs=cuda_graphs)
+        self.engine = train.make_engine(self.cfg, data)
+        self.interval = torch.zeros(2, log_every, device=self.engine.device)
+        self.engine.model.train()
 
     def run(self, first: int, last: int) -> None:
+        e, log_every = self.engine, self.cfg.log_every
         for it in range(first, last):
-            x, y = self.loader.batch(it)
-            k = it % self.log_every
-            self.interval[0, k], self.interval[1, k] = train.train_step(self.step_model, self.optimizer, x, y,
-                                                                        self.autocast)
-            if k == self.log_every - 1:
+            x, y = e.loader.batch(it)
+            k = it % log_every
+            self.interval[0, k], self.interval[1, k] = train.train_step(e.step_model, e.optimizer, x, y, e.autocast)
+            if k == log_every - 1:
                 self.interval.cpu()  # the engine's only sync: one per log interval
-            self.scheduler.step()
+            e.scheduler.step()
 
     def info(self) -> dict:
-        return {"compiled": self.compiled, "cuda_graphs": self.cuda_graphs}
+        compiled = self.engine.step_model is not self.engine.model
+        return {"compiled": compiled, "cuda_graphs": compiled and self.engine.device.type == "cuda" and self.cfg.cuda_graphs}
 
 
 # --- 2. a reference-style trainer, written the ordinary way ---------------------------------------
@@ -158,15 +140,18 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return mean, std
 
 
+def reference_transform(mean: list[float], std: list[float]) -> T.Compose:
+    """The usual CIFAR training transform: pad-crop and flip on PIL images, then ToTensor, Normalize."""
+    return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
 class Reference:
     """The usual PyTorch CIFAR trainer: PIL images, per-image torchvision transforms in DataLoader
     workers, fp32, default memory format, plain SGD, `loss.item()` every iteration."""
 
     def __init__(self, data: cifar.Cifar10, arch: str, depth: int, device: torch.device, *, batch_size: int = 128,
                  seed: int = 0, workers: int = 2, stats: tuple[list[float], list[float]] | None = None):
-        mean, std = stats or channel_stats(data.train_x)
-        transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                               T.Normalize(mean, std)])
+        transform = reference_transform(*(stats or channel_stats(data.train_x)))
         self.loader = DataLoader(PILCifar(data.train_x, data.train_y, transform), batch_size=batch_size,
                                  shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
                                  drop_last=True, persistent_workers=workers > 0,
@@ -367,9 +352,7 @@ class DataOnly:
                                             torch.channels_last)
             self.next = self.loader.batch
         else:
-            mean, std = channel_stats(data.train_x)
-            transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                                   T.Normalize(mean, std)])
+            transform = reference_transform(*channel_stats(data.train_x))
             loader = DataLoader(PILCifar(data.train_x, data.train_y, transform), batch_size=batch_size,
                                 shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed))
             batches = iter(loader)

@@ -262,12 +262,14 @@ def plot_curves(history, title: str = ""):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    from .report import TEST_STYLE, TRAIN_STYLE  # the same look as the report's figures
+
     sns.set_theme(style="whitegrid")
     fig, ax = plt.subplots(figsize=(7, 4))
     x = history["iteration"] / 1e4
-    ax.plot(x, history["train_error"], "--", lw=1, label="training error")
+    ax.plot(x, history["train_error"], label="training error", **TRAIN_STYLE)
     test = history["test_error"].notna()
-    ax.plot(x[test], history["test_error"][test], "-", lw=2.5, label="test error")
+    ax.plot(x[test], history["test_error"][test], label="test error", **TEST_STYLE)
     ax.set(xlabel="iter. (1e4)", ylabel="error (%)", title=title, ylim=(0, None))
     ax.legend()
     return fig

@@ -216,6 +216,53 @@ def check_resumable(saved: dict, cfg: Config, path: Path) -> None:
 
 
 @dataclass
+class Engine:
+    """What a run trains with. `train` and the benchmark both build it with `make_engine`, so the
+    benchmark times exactly the engine that runs train."""
+
+    device: torch.device
+    split: cifar.Split
+    loader: cifar.CifarLoader
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # the model, or its torch.compile wrapper (same parameters)
+    optimizer: torch.optim.SGD
+    schedule: PaperSchedule
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    bf16: bool
+    # channels_last: ResNet-20 steps 1.27x faster than NCHW on our 2-core CPU (115 vs 146 ms at batch
+    # 128, fp32, 2 threads; 1.24x on 1 thread), and it is cuDNN's fast NHWC path (GPU: unmeasured).
+    memory_format: torch.memory_format = torch.channels_last
+
+    def autocast(self):
+        """bf16 autocast on CUDA only (GPU gain unmeasured). On CPU it stays fp32, the protocol's
+        numerics, although CPU bf16 measured 1.4x faster here (AVX512-BF16 EPYC): docs/speed.md."""
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.bf16)
+
+
+def make_engine(cfg: Config, dataset: cifar.Cifar10) -> Engine:
+    """Data on the device, the net, SGD and the paper's schedule for `cfg`, weights initialised from
+    cfg.seed, and the step compiled where that pays."""
+    device = pick_device(cfg.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+    memory_format = torch.channels_last
+    ds = cifar.split(dataset, cfg.val_size, cfg.seed)
+    loader = cifar.CifarLoader(ds.train_x, ds.train_y, ds.mean, cfg.batch_size, cfg.seed, device, memory_format)
+    torch.manual_seed(cfg.seed)  # the weight init
+    model = build(cfg.arch, cfg.depth, shortcut=cfg.shortcut).to(device, memory_format=memory_format)
+    optimizer = make_optimizer(model, cfg, device)
+    schedule = PaperSchedule(cfg.milestones, cfg.warmup_lr / cfg.lr, warming=cfg.warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    step_model = model
+    if compile_pays(cfg.compile, device, cfg.iterations):  # the whole run decides: resume stays exact
+        # CUDA graphs replay the compiled forward and backward without per-kernel launch costs.
+        # UNMEASURED: no GPU was lent to this project yet; off unless asked for, and CUDA only.
+        step_model = torch.compile(model, mode="reduce-overhead" if cuda and cfg.cuda_graphs else None)
+    return Engine(device, ds, loader, model, step_model, optimizer, schedule, scheduler, cfg.bf16, memory_format)
+
+
+@dataclass
 class Result:
     metrics: dict
     history: pd.DataFrame
@@ -231,31 +278,12 @@ def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path 
     responses.csv (Fig. 7) and model.pt (final weights). `dataset` replaces `data_root` in tests.
     """
     start_time = time.perf_counter()
-    device = pick_device(cfg.device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-    # channels_last: ResNet-20 steps 1.27x faster than NCHW on our 2-core CPU (115 vs 146 ms at batch
-    # 128, fp32, 2 threads; 1.24x on 1 thread), and it is cuDNN's fast NHWC path (GPU: unmeasured).
-    memory_format = torch.channels_last
-
-    # bf16 autocast on CUDA only (GPU gain unmeasured). On CPU it stays fp32, the protocol's numerics,
-    # although CPU bf16 measured 1.4x faster here (AVX512-BF16 EPYC): see docs/speed.md.
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.bf16)
-
-    dataset = dataset if dataset is not None else cifar.load_cifar10(data_root)
-    ds = cifar.split(dataset, cfg.val_size, cfg.seed)
-    loader = cifar.CifarLoader(ds.train_x, ds.train_y, ds.mean, cfg.batch_size, cfg.seed, device, memory_format)
+    engine = make_engine(cfg, dataset if dataset is not None else cifar.load_cifar10(data_root))
+    device, ds, model, optimizer = engine.device, engine.split, engine.model, engine.optimizer
+    schedule, scheduler, autocast, memory_format = engine.schedule, engine.scheduler, engine.autocast, engine.memory_format
     test_x, test_y = cifar.normalize(ds.test_x, ds.mean, device), torch.as_tensor(ds.test_y, device=device)
     if cfg.val_size:
         val_x, val_y = cifar.normalize(ds.val_x, ds.mean, device), torch.as_tensor(ds.val_y, device=device)
-
-    torch.manual_seed(cfg.seed)  # the weight init
-    model = build(cfg.arch, cfg.depth, shortcut=cfg.shortcut).to(device, memory_format=memory_format)
-    optimizer = make_optimizer(model, cfg, device)
-    schedule = PaperSchedule(cfg.milestones, cfg.warmup_lr / cfg.lr, warming=cfg.warmup)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     out = Path(out_dir) if out_dir is not None else None
     ckpt_path = out / CHECKPOINT if out is not None else None
@@ -278,11 +306,6 @@ def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path 
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "rng": rng_states(), "state": state}, ckpt_path)
 
-    step_model = model
-    if compile_pays(cfg.compile, device, cfg.iterations):  # the whole run decides: resume stays exact
-        # CUDA graphs replay the compiled forward and backward without per-kernel launch costs.
-        # UNMEASURED: no GPU was lent to this project yet; off unless asked for, and CUDA only.
-        step_model = torch.compile(model, mode="reduce-overhead" if cuda and cfg.cuda_graphs else None)
     # Per-iteration loss and error stay on the device; one sync per log interval reads them.
     interval = state["interval"].to(device)
     start = state["iteration"]
@@ -291,9 +314,9 @@ def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path 
     model.train()
     it = start
     while it < cfg.iterations and state["diverged_at"] is None:
-        x, y = loader.batch(it)
+        x, y = engine.loader.batch(it)
         k = it % cfg.log_every
-        interval[0, k], interval[1, k] = train_step(step_model, optimizer, x, y, autocast)
+        interval[0, k], interval[1, k] = train_step(engine.step_model, optimizer, x, y, autocast)
         lr = optimizer.param_groups[0]["lr"]
         it += 1
         bar.update(1)
@@ -375,9 +398,10 @@ def main(argv: list[str] | None = None) -> None:
                        type=kind.get(f.name, type(f.default) if f.default is not dataclasses.MISSING else str))
     args = vars(p.parse_args(argv))
     values = {}
-    if args.pop("params"):
+    params = args.pop("params")
+    if params:
         import yaml
-        values.update(yaml.safe_load(Path(p.parse_args(argv).params).read_text())["train"])
+        values.update(yaml.safe_load(Path(params).read_text())["train"])
     data_root, out = args.pop("data"), args.pop("out")
     values.update({k: v for k, v in args.items() if v is not None})
     result = train(Config.from_dict(values), data_root, out)
