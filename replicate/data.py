@@ -10,7 +10,7 @@ import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import numpy as np
@@ -23,6 +23,7 @@ MD5 = "c58f30108f718f92721af3b95e74349a"
 FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
+META = "batches.meta"  # class names, in the official tarball
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PAD = 4  # the paper pads 4 pixels on each side, then crops 32x32
 
@@ -143,8 +144,11 @@ def download(root: str | Path, url: str = URL, md5: str = MD5) -> Path:
 def prepare(tarball: str | Path, root: str | Path, md5: str = MD5) -> Path:
     """Check the tarball's md5, then extract `cifar-10-batches-py/` into `root`.
 
-    Extraction goes to a temporary folder beside the target and is renamed into place at the
-    end, so a failure never leaves a half-extracted folder behind.
+    A tarball is untrusted input, and tarfile's `filter="data"` exists only from Python 3.11.4
+    (Debian 12 has 3.11.2), so nothing is extracted by tarfile itself: every member is checked
+    first (`safe_members`), then only the batch files are copied out of it. They go to a temporary
+    folder beside the target, renamed into place at the end, so a failure never leaves a
+    half-extracted folder behind.
     """
     tarball, root = Path(tarball), Path(root)
     if not tarball.is_file():
@@ -158,20 +162,43 @@ def prepare(tarball: str | Path, root: str | Path, md5: str = MD5) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     target = root / FOLDER
     with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
+        extracted = Path(tmp) / FOLDER
+        extracted.mkdir()
         try:
             with tarfile.open(tarball, "r:gz") as tar:
-                tar.extractall(tmp, filter="data")
+                members = {m.name: m for m in safe_members(tar, tarball)}
+                for name in TRAIN_BATCHES + [TEST_BATCH, META]:
+                    member = members.get(f"{FOLDER}/{name}")
+                    if member is None and name == META:
+                        continue  # torchvision's CIFAR10 reads it; our loader does not need it
+                    if member is None or not member.isfile():
+                        raise ValueError(f"{tarball} has no file {FOLDER}/{name}: it is not the CIFAR-10 python tarball")
+                    with tar.extractfile(member) as src, open(extracted / name, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
         except (tarfile.TarError, OSError, EOFError) as e:
             raise ValueError(f"{tarball} is not a readable tar.gz ({e}). {HOW_TO_GET}") from None
-        extracted = Path(tmp) / FOLDER
-        if not extracted.is_dir():
-            raise ValueError(f"{tarball} has no {FOLDER}/ folder: it is not the CIFAR-10 python tarball")
         for name in TRAIN_BATCHES + [TEST_BATCH]:
             read_batch(extracted / name)  # fail now, not in the middle of training
         if target.exists():
             shutil.rmtree(target)
         extracted.rename(target)
     return target
+
+
+def safe_members(tar: tarfile.TarFile, tarball: Path) -> list[tarfile.TarInfo]:
+    """Every member, if all are plain files or folders at relative paths without `..`; otherwise a
+    ValueError naming the first bad one (links, devices and paths leaving the folder are refused)."""
+    members = tar.getmembers()
+    for m in members:
+        path = PurePosixPath(m.name)
+        kind = "file" if m.isfile() else "folder" if m.isdir() else "link" if m.issym() or m.islnk() else "special file"
+        if path.is_absolute() or ".." in path.parts or kind not in ("file", "folder"):
+            raise ValueError(
+                f"{tarball} holds an unsafe member {m.name!r} ({kind}): only plain files and folders at "
+                f"relative paths inside the archive are accepted, so nothing was extracted. It is not "
+                f"the official CIFAR-10 tarball; delete it. {HOW_TO_GET}"
+            )
+    return members
 
 
 @dataclass

@@ -2,8 +2,11 @@
 
 import functools
 import http.server
+import io
+import tarfile
 import threading
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +163,42 @@ def test_prepare_rejects_a_corrupt_tarball_and_leaves_no_half_extracted_folder(t
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="not a readable tar.gz"):
         cifar.prepare(bad, out, cifar.md5sum(bad))
+    assert list(out.iterdir()) == []
+
+
+def hostile_tarball(tmp_path, good, escapes) -> Path:
+    """The good tarball's members plus hostile ones: each `escapes` entry is ("dotdot" | "absolute"
+    | "symlink", a path outside the target that extracting it would write)."""
+    bad = tmp_path / "hostile.tar.gz"
+    with tarfile.open(good) as src, tarfile.open(bad, "w:gz") as tar:
+        for m in src.getmembers():
+            tar.addfile(m, src.extractfile(m) if m.isfile() else None)
+        for kind, outside in escapes:
+            payload = b"pwned"
+            if kind == "symlink":  # a link inside the folder that points outside it
+                info = tarfile.TarInfo(f"{cifar.FOLDER}/data_batch_6")
+                info.type, info.linkname = tarfile.SYMTYPE, str(outside)
+                tar.addfile(info)
+                continue
+            name = f"{cifar.FOLDER}/../../{outside.name}" if kind == "dotdot" else str(outside)
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return bad
+
+
+@pytest.mark.parametrize("kinds", [["dotdot"], ["absolute"], ["symlink"], ["dotdot", "absolute", "symlink"]],
+                         ids=lambda k: "+".join(k))
+def test_prepare_refuses_a_hostile_tarball_and_writes_nothing_outside(tmp_path, cifar_tarball, kinds):
+    out = tmp_path / "work" / "out"
+    out.mkdir(parents=True)
+    escapes = [(kind, tmp_path / f"escaped-{kind}") for kind in kinds]
+    bad = hostile_tarball(tmp_path, cifar_tarball, escapes)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=r"holds an unsafe member .*(link|\.\.|/escaped).*nothing was extracted"):
+        cifar.prepare(bad, out, cifar.md5sum(bad))
+    assert sorted(tmp_path.rglob("*")) == before  # not a file more, inside the target or outside it
+    assert not any(outside.exists() or outside.is_symlink() for _, outside in escapes)
     assert list(out.iterdir()) == []
 
 
