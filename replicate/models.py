@@ -212,15 +212,18 @@ def record_responses(model: CifarResNet) -> Iterator[list[float]]:
 
     Yields a list that, on exit, holds each layer's standard deviation over all values seen
     while the context was open (all images, channels and positions), in network order.
-    Sums are kept in float64 on the device, so recording costs no host-device sync per batch.
+    Sums are kept on the device, so recording costs no host-device sync per batch: each batch's
+    in float32 (torch sums pairwise), their running totals in float64. Converting every response
+    to float64 instead took ResNet-56's pass over 10k test images from 31 s to 60 s (1 CPU thread).
     """
     layers = response_layers(model)
     sums: list[torch.Tensor | None] = [None] * len(layers)
 
     def hook(i):
         def fn(_module, _inputs, out):
-            v = out.detach().double()
-            s = torch.stack([torch.tensor(v.numel(), dtype=torch.float64, device=v.device), v.sum(), (v * v).sum()])
+            v = out.detach().float()  # bf16 under autocast: square it in float32
+            n = torch.tensor(v.numel(), dtype=torch.float64, device=v.device)
+            s = torch.stack([n, v.sum().double(), (v * v).sum().double()])
             sums[i] = s if sums[i] is None else sums[i] + s
         return fn
 

@@ -1,22 +1,24 @@
-"""The DVC pipeline's glue: params.yaml, the grid of runs, and the entry points of its stages.
+"""The DVC pipeline's glue: params.yaml, the runs of each profile, and the entry points of its stages.
 
     python -m replicate.pipeline fetch     # make repro, first step: the tarball, checked
-    python -m replicate.pipeline check     # stage `check`: every run of the grid is valid
-    python -m replicate.pipeline train --arch resnet --depth 56 --seed 0 --out results/resnet-56-0
-    python -m replicate.pipeline collect   # after `dvc queue start -j N`: the runs, into the workspace
+    python -m replicate.pipeline check     # stage `check`: every run of both profiles is valid
+    python -m replicate.pipeline train --run resnet-56-0 --out results/resnet-56-0
+    python -m replicate.pipeline train --profile quick --run plain-56-0 --out results/quick/plain-56-0
+    python -m replicate.pipeline report [--profile quick]   # stages `report`, `quick-report`
     python -m replicate.pipeline import-data SOURCE   # re-pin the tarball (a mirror, a local copy)
 
-params.yaml is read once per command, here, and nothing else reads it: the `train` section holds
-the protocol of every run, the `grid` section the runs (archs x depths x seeds, the order of DVC's
-matrix), the `data` section the md5 the tarball must have.
+params.yaml is read once per command, here, and nothing else reads it: `train` holds the paper's
+protocol, `grid` the paper's runs (one `train@<arch>-<depth>-<seed>` stage each), `quick` the quick
+look's runs and the `train` keys it shortens, `data` the md5 the tarball must have. Running the
+stages side by side is replicate/grid.py's job.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -29,16 +31,16 @@ from .train import Config
 
 PARAMS = "params.yaml"
 NOTEBOOK = "notebooks/train.ipynb"
+DVC_YAML = "dvc.yaml"
 DATA_PIN = "data.dvc"
-GRID_KEYS = {"archs": "arch", "depths": "depth", "seeds": "seed"}
 # What stage `check` writes. The train stages depend on it, so they run after the check; it never
 # changes, so widening the grid reruns the check but not the runs that already exist.
-CHECKED = "every run of the grid in params.yaml is valid\n"
+CHECKED = "every run of both profiles in params.yaml is valid\n"
 
 
 @dataclass(frozen=True)
 class Run:
-    """One entry of the grid; `name` is its folder under results/ and DVC's `train@<name>`."""
+    """One run; `name` is its folder and DVC's stage key: `train@<name>`."""
 
     arch: str
     depth: int
@@ -48,72 +50,121 @@ class Run:
     def name(self) -> str:
         return f"{self.arch}-{self.depth}-{self.seed}"
 
+    @classmethod
+    def parse(cls, name: str) -> "Run":
+        match = re.fullmatch(r"([a-z]+)-(\d+)-(\d+)", str(name))
+        if not match:
+            raise ValueError(f"{name!r} is not a run name: write <arch>-<depth>-<seed>, e.g. resnet-110-0")
+        return cls(match[1], int(match[2]), int(match[3]))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where a profile's runs live in dvc.yaml and on disk. The quick look's are kept apart from the
+    paper's so that a quick run can never reach Table 6."""
+
+    name: str
+    stage: str           # the DVC foreach stage: `<stage>@<run>`
+    report_stage: str
+    results: str         # run folders: <results>/<run>/
+    reports: str
+
+
+PROFILES = {
+    "paper": Profile("paper", "train", "report", "results", "reports"),
+    "quick": Profile("quick", "quick", "quick-report", "results/quick", "reports/quick"),
+}
+
 
 def load_params(path: str | Path = PARAMS) -> dict:
-    """params.yaml as a dict; it must hold the `train` and `grid` sections."""
+    """params.yaml as a dict; it must hold the `train` section, the `grid` list and `quick`."""
     params = yaml.safe_load(Path(path).read_text()) or {}
-    missing = [s for s in ("train", "grid") if not isinstance(params.get(s), dict)]
+    missing = [s for s, kind in (("train", dict), ("grid", list), ("quick", dict)) if not isinstance(params.get(s), kind)]
     if missing:
-        raise ValueError(f"{path} has no {' or '.join(missing)} section")
+        raise ValueError(f"{path} has no {' or '.join(missing)} section (see the README's params.yaml)")
     return params
 
 
-def runs(params: dict) -> list[Run]:
-    """The grid's runs, archs x depths x seeds, in the order DVC's matrix expands them."""
-    grid = params["grid"]
-    for key in GRID_KEYS:
-        values = grid.get(key)
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"grid.{key} must be a non-empty list, got {values!r}")
-        if len(set(map(str, values))) != len(values):
-            raise ValueError(f"grid.{key} lists a value twice: {values}")
-    unknown = sorted(set(grid) - set(GRID_KEYS))
+def runs(params: dict, profile: str = "paper") -> list[Run]:
+    """A profile's runs, in the order of params.yaml (DVC's foreach keeps it)."""
+    grid = params["grid"] if profile == "paper" else params["quick"].get("grid")
+    where = "grid" if profile == "paper" else "quick.grid"
+    if not isinstance(grid, list) or not grid:
+        raise ValueError(f"{where} must be a non-empty list of runs such as resnet-20-0, got {grid!r}")
+    found = [Run.parse(name) for name in grid]
+    twice = sorted({r.name for r in found if found.count(r) > 1})
+    if twice:
+        raise ValueError(f"{where} lists {twice} twice")
+    return found
+
+
+def train_params(params: dict, profile: str = "paper") -> dict:
+    """The protocol of a profile's runs: `train`, with the quick look's shortened keys over it."""
+    if profile == "paper":
+        return params["train"]
+    quick = params["quick"].get("train") or {}
+    unknown = sorted(set(quick) - set(params["train"]))
     if unknown:
-        raise ValueError(f"unknown grid key(s) {unknown}; the grid is {sorted(GRID_KEYS)}")
-    return [Run(*v) for v in itertools.product(grid["archs"], grid["depths"], grid["seeds"])]
+        raise ValueError(f"quick.train sets {unknown}, which the train section does not have")
+    return {**params["train"], **quick}
 
 
-def config(params: dict, run: Run) -> Config:
-    """The full training config of one run: the `train` section plus the run's arch, depth, seed."""
-    clash = sorted(set(GRID_KEYS.values()) & set(params["train"]))
+def config(params: dict, run: Run, profile: str = "paper") -> Config:
+    """The full training config of one run: its profile's protocol plus the run's arch, depth, seed."""
+    protocol = train_params(params, profile)
+    clash = sorted({"arch", "depth", "seed"} & set(protocol))
     if clash:
-        raise ValueError(f"train.{clash[0]} belongs in the grid (grid.{clash[0]}s), not in train")
-    return Config.from_dict({**params["train"], **dataclasses.asdict(run)})
+        raise ValueError(f"train.{clash[0]} belongs in the run names of the grid (<arch>-<depth>-<seed>), not in train")
+    return Config.from_dict({**protocol, **dataclasses.asdict(run)})
 
 
-def check(params: dict, notebook: str | Path | None = NOTEBOOK) -> list[Run]:
-    """Validate every run of the grid at once, so a typo fails before any training starts.
+def check(params: dict, notebook: str | Path | None = NOTEBOOK, dvc_yaml: str | Path | None = DVC_YAML) -> list[Run]:
+    """Validate every run of both profiles at once, so a typo fails before any training starts.
 
     Raises ValueError naming each bad run. With `notebook`, also checks that the notebook takes
-    every parameter the stage will pass (a renamed parameter would otherwise be ignored).
+    every parameter the stage will pass (a renamed parameter would otherwise be ignored). With
+    `dvc_yaml`, that each report stage depends on exactly its profile's runs (DVC cannot derive
+    a stage's deps from a list in params.yaml, so dvc.yaml spells them out). Returns the paper's runs.
     """
     problems = []
-    all_runs = runs(params)
-    for run in all_runs:
+    for name, profile in PROFILES.items():
         try:
-            config(params, run)
-        except (ValueError, TypeError) as e:
-            problems.append(f"  train@{run.name}: {e}")
+            for run in runs(params, name):
+                try:
+                    config(params, run, name)
+                except (ValueError, TypeError) as e:
+                    problems.append(f"  {profile.stage}@{run.name}: {e}")
+        except ValueError as e:
+            problems.append(f"  {e}")
     if problems:
-        raise ValueError("params.yaml: invalid run(s) in the grid, nothing was trained:\n" + "\n".join(problems))
+        raise ValueError("params.yaml: invalid run(s), nothing was trained:\n" + "\n".join(problems))
     if notebook is not None:
         import papermill
 
-        expected = set(notebook_parameters(params, all_runs[0], "data", "out"))
+        expected = set(notebook_parameters(params, runs(params)[0], "data", "out"))
         missing = sorted(expected - set(papermill.inspect_notebook(str(notebook))))
         if missing:
             raise ValueError(f"{notebook} has no parameter(s) {missing} in its `parameters` cell")
-    return all_runs
+    if dvc_yaml is not None:
+        stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+        for name, profile in PROFILES.items():
+            want = [f"{profile.results}/{run.name}/metrics.json" for run in runs(params, name)]
+            have = [d for d in stages[profile.report_stage].get("deps", []) if d.endswith("/metrics.json")]
+            if sorted(have) != sorted(want):
+                lines = [f"  add    - {d}" for d in want if d not in have] + [f"  remove - {d}" for d in have if d not in want]
+                raise ValueError(f"{dvc_yaml}: stage {profile.report_stage} must depend on every run of its "
+                                 f"profile, and on nothing else. Edit its deps:\n" + "\n".join(lines))
+    return runs(params)
 
 
-def notebook_parameters(params: dict, run: Run, data_root: str, out_dir: str) -> dict:
+def notebook_parameters(params: dict, run: Run, data_root: str, out_dir: str, profile: str = "paper") -> dict:
     """What papermill injects into notebooks/train.ipynb for one run: the protocol and paths."""
-    return {**dataclasses.asdict(run), **params["train"], "data_root": data_root, "out_dir": out_dir}
+    return {**dataclasses.asdict(run), **train_params(params, profile), "data_root": data_root, "out_dir": out_dir}
 
 
-def train_stage(run: Run, out: str | Path, params_path: str | Path = PARAMS,
-                notebook: str | Path = NOTEBOOK, data_root: str | Path = "data") -> Path:
-    """Stage `train@<run>`: execute the notebook with papermill into `out/train.ipynb`.
+def train_stage(run: Run, out: str | Path, params_path: str | Path = PARAMS, notebook: str | Path = NOTEBOOK,
+                data_root: str | Path = "data", profile: str = "paper") -> Path:
+    """Stage `train@<run>` (or `quick@<run>`): execute the notebook with papermill into `out/train.ipynb`.
 
     The kernel runs in `out`, and the paths it gets are relative to `out`, so the executed
     notebook can be opened and rerun in JupyterLab where it lies. A checkpoint left in `out` by an
@@ -122,21 +173,46 @@ def train_stage(run: Run, out: str | Path, params_path: str | Path = PARAMS,
     import papermill
 
     params = load_params(params_path)
-    config(params, run)  # a clear error now, not from inside the kernel
+    config(params, run, profile)  # a clear error now, not from inside the kernel
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)  # papermill does not create it
     result = out / "train.ipynb"
     papermill.execute_notebook(
         str(notebook), str(result),
-        parameters=notebook_parameters(params, run, os.path.relpath(data_root, out), "."),
+        parameters=notebook_parameters(params, run, os.path.relpath(data_root, out), ".", profile),
         cwd=str(out),
         progress_bar=False,
-        # The training bar reaches the terminal as is, carriage returns included ...
+        # The training bar reaches the terminal (or the grid's log file) as is, carriage returns
+        # included ...
         stdout_file=sys.stdout, stderr_file=sys.stderr,
         # ... and the saved notebook keeps its last state, not one output per refresh.
         coalesce_streams=True,
     )
     return result
+
+
+def report_stage(params_path: str | Path = PARAMS, profile: str = "paper",
+                 notebook: str | Path = "notebooks/report.ipynb") -> Path:
+    """Stage `report` (or `quick-report`): the report notebook on exactly the profile's runs."""
+    from . import report
+
+    params = load_params(params_path)
+    p = PROFILES[profile]
+    names = [r.name for r in runs(params, profile)]
+    return report.run_notebook(notebook, p.results, names, p.reports, caption(params, profile))
+
+
+def caption(params: dict, profile: str = "paper") -> str:
+    """What a report shows, in its own words: the data (params.yaml's data.name), and for the
+    quick look that it is not the paper's protocol."""
+    data = f"Data: {params['data'].get('name') or 'CIFAR-10'}."
+    if profile != "quick":
+        return data
+    cfg = config(params, runs(params, profile)[0], profile)
+    subset = (f"intermediate test errors on the first {cfg.eval_subset:,} test images, the final one on all"
+              if cfg.eval_subset else "test errors on the whole test set")
+    return (f"Quick look, not the paper's protocol: {cfg.iterations:,} iterations (the paper: 64,000), "
+            f"lr {cfg.lr:g} divided by 10 at {', '.join(f'{m:,}' for m in cfg.milestones)}; {subset}. {data}")
 
 
 def fetch(md5: str, dvc_file: str | Path = DATA_PIN) -> Path:
@@ -217,45 +293,6 @@ def _commit_to_cache(dvc_file: Path) -> None:
             out.commit()
 
 
-def collect(root: str | Path = ".") -> list[str]:
-    """Bring the runs that queued experiments finished (`dvc queue start -j N`) into the workspace.
-
-    `dvc exp apply` takes one experiment and drops the others, and DVC keeps no run-cache for
-    stages with a persistent output, so `dvc repro` would train them all again. Instead: copy into
-    dvc.lock each stage entry an experiment of HEAD changed (the newest wins), then `dvc checkout`
-    puts their outputs, already in the shared cache, in place. Returns the stage names taken.
-    """
-    root = Path(root)
-
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
-
-    def lock_at(rev):
-        shown = subprocess.run(["git", "show", f"{rev}:dvc.lock"], cwd=root, capture_output=True, text=True)
-        return yaml.safe_load(shown.stdout)["stages"] if shown.returncode == 0 else {}
-
-    head, base = git("rev-parse", "HEAD").strip(), lock_at("HEAD")
-    path = root / "dvc.lock"
-    lock = yaml.safe_load(path.read_text()) if path.exists() else {"schema": "2.0", "stages": {}}
-    taken = {}
-    # refs/exps/<baseline sha[:2]>/<baseline sha[2:]>/<name>, oldest first so the newest wins
-    for line in git("for-each-ref", "--sort=committerdate", "--format=%(refname) %(objectname)", "refs/exps").split("\n"):
-        if not line:
-            continue
-        ref, rev = line.split()
-        parts = ref.split("/")
-        if len(parts) != 5 or parts[2] + parts[3] != head:
-            continue
-        for name, entry in lock_at(rev).items():
-            if entry != base.get(name):
-                taken[name] = entry
-    if taken:
-        lock["stages"].update(taken)
-        path.write_text(yaml.safe_dump(lock, sort_keys=False))
-        subprocess.run([sys.executable, "-m", "dvc", "checkout", *taken], cwd=root, check=True)
-    return sorted(taken)
-
-
 def plot_curves(history, title: str = ""):
     """One run's error against iterations as in the paper's Fig. 6: training error dashed, test
     error bold. Rows without a test evaluation (NaN) are skipped, not drawn as gaps."""
@@ -291,19 +328,20 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("fetch", help="the tarball of data.dvc: in place, checked, cached").add_argument(
         "--dvc-file", default=DATA_PIN)
-    pc = sub.add_parser("check", help="validate every run of the grid; list the stage names")
+    pc = sub.add_parser("check", help="validate every run of both profiles; list the paper's stage names")
     pc.add_argument("--notebook", default=NOTEBOOK)
+    pc.add_argument("--dvc-yaml", default=DVC_YAML)
     pc.add_argument("--stamp", help=f"then write {CHECKED.strip()!r} to this file")
-    sub.add_parser("collect", help="bring the runs of finished queued experiments into the workspace")
     sub.add_parser("import-data", help="pin another source of the tarball as data.dvc").add_argument(
         "source", help="a URL, or a plain local path (not file://)")
-    pt = sub.add_parser("train", help="run notebooks/train.ipynb for one run of the grid")
-    pt.add_argument("--arch", required=True)
-    pt.add_argument("--depth", type=int, required=True)
-    pt.add_argument("--seed", type=int, required=True)
+    pt = sub.add_parser("train", help="run notebooks/train.ipynb for one run")
+    pt.add_argument("--run", required=True, help="<arch>-<depth>-<seed>, e.g. resnet-56-0")
     pt.add_argument("--out", required=True)
     pt.add_argument("--data", default="data", help="root holding cifar-10-batches-py/")
     pt.add_argument("--notebook", default=NOTEBOOK)
+    pr = sub.add_parser("report", help="run notebooks/report.ipynb on the profile's runs")
+    for q in (pt, pr):
+        q.add_argument("--profile", choices=sorted(PROFILES), default="paper")
     args = p.parse_args(argv)
     try:
         if args.cmd == "fetch":
@@ -312,18 +350,18 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"{args.params} has no data.md5: the md5 the tarball must have")
             print(f"ready: {fetch(md5, args.dvc_file)}")
         elif args.cmd == "check":
-            for run in check(load_params(args.params), args.notebook):
+            for run in check(load_params(args.params), args.notebook, args.dvc_yaml):
                 print(f"train@{run.name}")
             if args.stamp:
                 Path(args.stamp).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.stamp).write_text(CHECKED)
         elif args.cmd == "import-data":
             print(f"pinned {import_data(args.source)}: check that data.md5 in {args.params} is its md5")
-        elif args.cmd == "collect":
-            print("collected:", *collect() or ["nothing (no finished experiment of HEAD)"])
+        elif args.cmd == "report":
+            print(f"executed {report_stage(args.params, args.profile)}")
         else:
-            run = Run(args.arch, args.depth, args.seed)
-            print(f"executed {train_stage(run, args.out, args.params, args.notebook, args.data)}")
+            run = Run.parse(args.run)
+            print(f"executed {train_stage(run, args.out, args.params, args.notebook, args.data, args.profile)}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -11,8 +11,10 @@ a notebook and nothing piles up in pyplot's registry.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -79,8 +81,9 @@ def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
 
 
-def collect(results_dir: str | Path) -> Runs:
-    """Read every run folder (any folder holding a metrics.json) below `results_dir`.
+def collect(results_dir: str | Path, names: list[str] | None = None) -> Runs:
+    """Read the run folders `names` of `results_dir` (those that have finished), or with no names
+    every run folder (any folder holding a metrics.json) below it.
 
     Two folders holding the same (arch, depth, shortcut, seed) are an error, not a choice: the
     table would otherwise count one seed twice or silently drop one of them.
@@ -89,7 +92,8 @@ def collect(results_dir: str | Path) -> Runs:
     if not root.is_dir():
         raise FileNotFoundError(f"results_dir {root} is not a folder (relative paths start at {Path.cwd()})")
     rows, hists, resps = [], [], []
-    for path in sorted(root.rglob("metrics.json")):
+    found = sorted(root.rglob("metrics.json")) if names is None else [root / n / "metrics.json" for n in names]
+    for path in (p for p in found if p.is_file()):
         m = json.loads(path.read_text())
         if not {"arch", "depth", "seed"} <= set(m):
             raise ValueError(f"{path} is not a training run's metrics.json (it lacks arch, depth or seed)")
@@ -97,10 +101,12 @@ def collect(results_dir: str | Path) -> Runs:
         rows.append({**key, "params": m.get("params"), "iterations": m.get("iterations"),
                      "train_error": m.get("train_error"), "test_error": m.get("test_error"),
                      "diverged": bool(m.get("diverged")), "diverged_at": m.get("diverged_at"),
-                     "run": path.parent.relative_to(root).as_posix()})
+                     "run": path.parent.relative_to(root).as_posix(),
+                     **{k: m.get(k) for k in PROVENANCE}})
         hists.append(_read_csv(path.parent / "history.csv", HISTORY).assign(**key))
         resps.append(_read_csv(path.parent / "responses.csv", ["layer", "std"]).assign(**key))
-    columns = RUN_KEYS + ["params", "iterations", "train_error", "test_error", "diverged", "diverged_at", "run"]
+    columns = RUN_KEYS + ["params", "iterations", "train_error", "test_error", "diverged", "diverged_at", "run",
+                          *PROVENANCE]
     metrics = pd.DataFrame(rows, columns=columns).astype(
         {"depth": int, "seed": int, "diverged": bool, "test_error": float, "train_error": float})
     twice = metrics[metrics.duplicated(RUN_KEYS, keep=False)]
@@ -110,6 +116,26 @@ def collect(results_dir: str | Path) -> Runs:
     history = pd.concat(hists, ignore_index=True) if hists else pd.DataFrame(columns=RUN_KEYS + HISTORY)
     responses = pd.concat(resps, ignore_index=True) if resps else pd.DataFrame(columns=RUN_KEYS + ["layer", "std"])
     return Runs(metrics, history, responses)
+
+
+PROVENANCE = ["train_images", "test_images", "device", "device_name", "precision"]
+
+
+def label(runs: Runs, caption: str = "") -> str:
+    """What the figures and the table show, in one line under them: the caption (a quick look says
+    it is one), the data, iterations and hardware read from the runs, the date and the commit."""
+    m = runs.metrics
+    def values(column, fmt="{}"):
+        return "/".join(fmt.format(v) for v in sorted(set(m[column].dropna()), key=str)) or "?"
+    # "-dirty": the working tree differed from the commit (say, data.dvc pinned to another tarball)
+    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                            text=True).stdout.strip()
+    hardware = "/".join(sorted({f"{d.upper()} {n}" for d, n in zip(m["device"], m["device_name"])
+                                if isinstance(d, str)})) or "?"
+    facts = (f"{len(m)} runs on {values('train_images', '{:,}')} training and {values('test_images', '{:,}')} test "
+             f"images, {values('iterations', '{:,}')} iterations, {hardware} ({values('precision')}); "
+             f"report of {datetime.date.today()}, commit {commit or 'unknown'}.")
+    return f"{caption} {facts}".strip()
 
 
 def _arch_order(col: pd.Series) -> pd.Series:
@@ -242,12 +268,13 @@ def table6_metrics(table: pd.DataFrame) -> dict:
             for _, row in table.iterrows()}
 
 
-def write_table(table: pd.DataFrame, out_dir: str | Path) -> None:
-    """table6.csv (every column, full precision), table6.md and table6.json (DVC metrics)."""
+def write_table(table: pd.DataFrame, out_dir: str | Path, note: str = "") -> None:
+    """table6.csv (every column, full precision), table6.md (with `note` under it) and table6.json
+    (DVC metrics)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table6.csv", index=False)
-    (out / "table6.md").write_text(table6_markdown(table) + "\n")
+    (out / "table6.md").write_text(table6_markdown(table) + (f"\n\n{note}" if note else "") + "\n")
     (out / "table6.json").write_text(json.dumps(table6_metrics(table), indent=2, ensure_ascii=False) + "\n")
 
 
@@ -357,9 +384,12 @@ def fig7(runs: Runs) -> Figure:
     return fig
 
 
-def save(fig: Figure, path: str | Path) -> Path:
+def save(fig: Figure, path: str | Path, note: str = "") -> Path:
+    """Write `fig` as a PNG, with `note` (what it shows: `label`) as its title line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if note:
+        fig.suptitle(note, fontsize="small", color="0.3", wrap=True)
     fig.savefig(path, dpi=120)
     return path
 
@@ -396,6 +426,17 @@ def degradation(runs: Runs, column: str = "train_error") -> str:
     if deep is None or shallow is None:
         return f"{question}: unknown ({'; '.join(w for w in (why56, why20) if w)})"
     return f"{question}: {_yes(deep > shallow)} ({deep:.2f}% vs {shallow:.2f}%)"
+
+
+def residual_fix(runs: Runs, column: str = "train_error", depth: int = 56) -> str:
+    """The fix (Fig. 6, left vs middle): does the residual net end better than the plain net of
+    the same depth and parameters?"""
+    what = "training" if column == "train_error" else "test"
+    question = f"ResNet-{depth} ends with a lower {what} error than plain-{depth}"
+    (res, why_r), (plain, why_p) = _final(runs, "resnet", depth, column), _final(runs, "plain", depth, column)
+    if res is None or plain is None:
+        return f"{question}: unknown ({'; '.join(w for w in (why_r, why_p) if w)})"
+    return f"{question}: {_yes(res < plain)} ({res:.2f}% vs {plain:.2f}%)"
 
 
 def _trend(values: dict[int, float], missing: list[str], unit: str) -> str:
@@ -447,8 +488,9 @@ def deeper_responses_smaller(runs: Runs) -> str:
 
 def verdicts(runs: Runs) -> list[str]:
     """The paper's claims, each answered yes/no/unknown from our runs with the numbers behind it."""
-    return [degradation(runs, "train_error"), degradation(runs, "test_error"), deeper_resnets_better(runs),
-            responses_smaller(runs), deeper_responses_smaller(runs)]
+    return [degradation(runs, "train_error"), degradation(runs, "test_error"), residual_fix(runs, "train_error"),
+            residual_fix(runs, "test_error"), deeper_resnets_better(runs), responses_smaller(runs),
+            deeper_responses_smaller(runs)]
 
 
 def write_verdicts(lines: list[str], out_dir: str | Path) -> Path:
@@ -458,24 +500,31 @@ def write_verdicts(lines: list[str], out_dir: str | Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m replicate.report --results results --out reports`: the DVC `report` stage.
-
-    Executes notebooks/report.ipynb with papermill into OUT/report.ipynb (papermill will not create
-    OUT itself); the notebook writes the table, figures and verdicts beside it.
-    """
-    import argparse
-
+def run_notebook(notebook: str | Path, results_dir: str | Path, names: list[str] | None, out_dir: str | Path,
+                 caption: str = "") -> Path:
+    """Execute the report notebook with papermill into OUT/report.ipynb (papermill will not create
+    OUT itself); the notebook writes the table, figures and verdicts beside it."""
     import papermill
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(str(notebook), str(out / "report.ipynb"), progress_bar=False,
+                               parameters={"results_dir": str(results_dir), "runs": names, "out_dir": str(out),
+                                           "caption": caption})
+    return out / "report.ipynb"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m replicate.report --results results --out reports`: every run below RESULTS.
+    (The DVC stages go through `python -m replicate.pipeline report`, which names the runs.)"""
+    import argparse
 
     p = argparse.ArgumentParser(prog="python -m replicate.report", description=main.__doc__)
     p.add_argument("--notebook", default="notebooks/report.ipynb")
     p.add_argument("--results", default="results", help="folder holding the run folders")
     p.add_argument("--out", default="reports", help="folder for the executed notebook, tables and figures")
     args = p.parse_args(argv)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(args.notebook, str(Path(args.out) / "report.ipynb"), progress_bar=False,
-                               parameters={"results_dir": args.results, "out_dir": args.out})
+    run_notebook(args.notebook, args.results, None, args.out)
 
 
 if __name__ == "__main__":

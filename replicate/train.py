@@ -54,9 +54,10 @@ class Config:
     val_size: int = 0              # 5000 gives the paper's 45k/5k split
     log_every: int = 100           # history row, progress, warm-up and divergence checks
     eval_every: int = 2_000
+    eval_subset: int = 0           # >0: intermediate test errors on the first N test images only
     checkpoint_every: int = 4_000
     device: str = "auto"
-    bf16: bool = True              # autocast on CUDA only; BN statistics stay fp32
+    bf16: bool = True              # autocast where bf16 is native (native_bf16); BN statistics stay fp32
     compile: bool | str = "auto"   # torch.compile: True, False, or "auto" (where it pays: compile_pays)
     cuda_graphs: bool = False      # CUDA only: compile with CUDA graphs (mode="reduce-overhead")
 
@@ -68,6 +69,8 @@ class Config:
         for name in ("iterations", "batch_size", "log_every", "eval_every", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if int(self.eval_subset) < 0:
+            raise ValueError(f"eval_subset must be 0 (the whole test set) or a positive count, got {self.eval_subset!r}")
         if self.milestones != sorted(self.milestones) or any(m < 1 for m in self.milestones):
             raise ValueError(f"milestones must be increasing positive iterations, got {self.milestones}")
         if self.lr <= 0 or self.warmup_lr <= 0:
@@ -108,6 +111,21 @@ def pick_device(name: str = "auto") -> torch.device:
         else:
             name = "cpu"
     return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes in bf16 natively, so that autocast pays: CUDA GPUs that support
+    it, and CPUs with AVX512-BF16 or AMX (the ISAs oneDNN's bf16 convolutions use; elsewhere it
+    emulates bf16 and is slower than fp32). On our AVX512-BF16 CPU bf16 measured 2x fp32: docs/speed.md."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no cheap way to tell, so stay fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def device_name(device: torch.device) -> str:
@@ -234,9 +252,9 @@ class Engine:
     memory_format: torch.memory_format = torch.channels_last
 
     def autocast(self):
-        """bf16 autocast on CUDA only (GPU gain unmeasured). On CPU it stays fp32, the protocol's
-        numerics, although CPU bf16 measured 1.4x faster here (AVX512-BF16 EPYC): docs/speed.md."""
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.bf16)
+        """bf16 autocast where the device has it natively (`native_bf16`: 2x fp32 on our CPU, and
+        the same final errors on real CIFAR-10, docs/speed.md); fp32 elsewhere."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
 def make_engine(cfg: Config, dataset: cifar.Cifar10) -> Engine:
@@ -259,7 +277,8 @@ def make_engine(cfg: Config, dataset: cifar.Cifar10) -> Engine:
         # CUDA graphs replay the compiled forward and backward without per-kernel launch costs.
         # UNMEASURED: no GPU was lent to this project yet; off unless asked for, and CUDA only.
         step_model = torch.compile(model, mode="reduce-overhead" if cuda and cfg.cuda_graphs else None)
-    return Engine(device, ds, loader, model, step_model, optimizer, schedule, scheduler, cfg.bf16, memory_format)
+    bf16 = cfg.bf16 and native_bf16(device)
+    return Engine(device, ds, loader, model, step_model, optimizer, schedule, scheduler, bf16, memory_format)
 
 
 @dataclass
@@ -282,6 +301,9 @@ def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path 
     device, ds, model, optimizer = engine.device, engine.split, engine.model, engine.optimizer
     schedule, scheduler, autocast, memory_format = engine.schedule, engine.scheduler, engine.autocast, engine.memory_format
     test_x, test_y = cifar.normalize(ds.test_x, ds.mean, device), torch.as_tensor(ds.test_y, device=device)
+    # Intermediate points on a fixed subset when asked (quick runs: evaluation must not dominate);
+    # the final point is always on the whole test set.
+    subset = slice(0, cfg.eval_subset or None)
     if cfg.val_size:
         val_x, val_y = cifar.normalize(ds.val_x, ds.mean, device), torch.as_tensor(ds.val_y, device=device)
 
@@ -297,6 +319,7 @@ def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path 
         scheduler.load_state_dict(saved["scheduler"])
         set_rng_states(saved["rng"])
         state = saved["state"]
+        print(f"resuming from {ckpt_path} at iteration {state['iteration']:,} of {cfg.iterations:,}", flush=True)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -334,7 +357,11 @@ def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path 
                 schedule.warming = False  # the paper: back to lr 0.1 and the normal schedule
                 state["warmup_ended_at"] = it
             if (it % cfg.eval_every == 0 or done) and state["diverged_at"] is None:
-                row["test_error"] = evaluate(model, test_x, test_y, autocast, memory_format)
+                if done:  # the final test error and Fig. 7's responses in one pass over the whole test set
+                    with record_responses(model) as state["responses"]:
+                        row["test_error"] = evaluate(model, test_x, test_y, autocast, memory_format)
+                else:
+                    row["test_error"] = evaluate(model, test_x[subset], test_y[subset], autocast, memory_format)
                 if cfg.val_size:
                     row["val_error"] = evaluate(model, val_x, val_y, autocast, memory_format)
             state["history"].append(row)
@@ -354,10 +381,7 @@ def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path 
     history = pd.DataFrame(state["history"])
     last = state["history"][-1] if state["history"] else {}
     diverged = state["diverged_at"] is not None
-    responses: list[float] = []
-    if not diverged:
-        with record_responses(model) as responses:
-            evaluate(model, test_x, test_y, autocast, memory_format)
+    responses = [] if diverged else state.get("responses", [])  # from the final evaluation
     metrics = {
         "arch": cfg.arch, "depth": cfg.depth, "shortcut": cfg.shortcut, "seed": cfg.seed,
         "params": sum(p.numel() for p in model.parameters()),
@@ -367,6 +391,10 @@ def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path 
         "diverged": diverged, "diverged_at": state["diverged_at"],
         "warmup": cfg.warmup, "warmup_ended_at": state["warmup_ended_at"],
         "seconds": round(state["seconds"], 2), "device": device.type, "device_name": device_name(device),
+        # where it ran: the grid gives each worker its GPU or its share of the cores
+        "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": torch.get_num_threads(),
+        "precision": "bf16" if engine.bf16 else "fp32",
+        "train_images": len(ds.train_y), "test_images": len(ds.test_y),
         "torch": torch.__version__, "config": dataclasses.asdict(cfg),
     }
     if cfg.val_size:

@@ -83,8 +83,7 @@ def test_diverged_run_ends_its_stage_with_metrics_that_say_so(tmp_path):
     params["train"].update(tiny, lr=1e6, warmup=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     cifar.write_cifar10(tmp_path / "cifar", cifar.synthetic(160, 40, seed=3))
-    pipeline.main(["--params", str(tmp_path / "params.yaml"), "train", "--arch", "plain", "--depth", "8",
-                   "--seed", "0", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "cifar")])
+    pipeline.main(["--params", str(tmp_path / "params.yaml"), "train", "--run", "plain-8-0", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "cifar")])
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["diverged"] is True and metrics["diverged_at"] <= 12
     assert metrics["test_error"] is None and metrics["train_error"] is None

@@ -38,10 +38,31 @@ def test_params_hold_the_papers_protocol_and_grid(params):
     assert (train["lr"], train["batch_size"], train["momentum"], train["weight_decay"]) == (0.1, 128, 0.9, 1e-4)
     assert train["warmup"] is None and train["warmup_lr"] == 0.01 and train["warmup_until"] == 80.0
     assert train["shortcut"] == "A" and train["val_size"] == 0 and train["device"] == "auto"
-    assert params["grid"] == {"archs": ["plain", "resnet"], "depths": [20, 32, 44, 56, 110], "seeds": [0]}
+    assert train["eval_subset"] == 0 and train["bf16"] is True
+    # the paper's runs: the ten nets once, ResNet-110 five times (Table 6: best and mean±std of 5)
+    ten = [f"{a}-{d}-0" for a in ("plain", "resnet") for d in (20, 32, 44, 56, 110)]
+    assert params["grid"] == ten + [f"resnet-110-{s}" for s in (1, 2, 3, 4)]
     assert params["data"]["md5"] == cifar.MD5
     cfg = pipeline.config(params, pipeline.Run("resnet", 110, 0))
     assert cfg.warmup, "ResNet-110 warms up, by the paper's rule"
+    # ResNet-1202 is one commented line away
+    line = next(l for l in (ROOT / "params.yaml").read_text().splitlines() if "resnet-1202-0" in l)
+    assert line.startswith("# - resnet-1202-0")
+
+
+def test_quick_profile_shortens_the_run_and_keeps_the_rest_of_the_protocol(params):
+    """Same lr, momentum, decay and batch; the lr divided at the same fractions (1/2, 3/4) of a
+    shorter run; the four nets of Fig. 1 and its fix."""
+    quick = params["quick"]
+    assert quick["grid"] == ["plain-20-0", "plain-56-0", "resnet-20-0", "resnet-56-0"]
+    cfg = pipeline.config(params, pipeline.Run("plain", 56, 0), "quick")
+    paper = pipeline.config(params, pipeline.Run("plain", 56, 0))
+    assert cfg.iterations < paper.iterations
+    assert [m / cfg.iterations for m in cfg.milestones] == [m / paper.iterations for m in paper.milestones] == [0.5, 0.75]
+    for key in ("lr", "momentum", "weight_decay", "batch_size", "shortcut", "warmup", "val_size"):
+        assert getattr(cfg, key) == getattr(paper, key), key
+    assert 0 < cfg.eval_subset and cfg.iterations % cfg.eval_every == 0
+    assert set(quick["train"]) <= set(params["train"])
 
 
 def test_every_hyperparameter_is_in_params_and_in_the_notebook(params):
@@ -57,29 +78,43 @@ def test_notebook_defaults_are_the_papers_resnet20_run(params):
     assert defaults["data_root"] == "../data" and defaults["out_dir"] == "../results/resnet-20-0"
 
 
-def test_run_names_are_dvcs_matrix_stage_names(params):
+def test_run_names_are_dvcs_foreach_stage_names(params):
     listed = subprocess.run([sys.executable, "-m", "dvc", "stage", "list", "--name-only"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout.split()
     assert [s for s in listed if s.startswith("train@")] == [f"train@{r.name}" for r in pipeline.runs(params)]
-    assert "train@resnet-56-0" in listed and {"prepare", "check"} <= set(listed)
+    assert [s for s in listed if s.startswith("quick@")] == [f"quick@{r.name}" for r in pipeline.runs(params, "quick")]
+    assert "train@resnet-110-4" in listed and {"prepare", "check", "report", "quick-report"} <= set(listed)
+
+
+def test_each_report_depends_on_its_profiles_runs_only(params, tmp_path):
+    """The paper's report never waits for (nor reads) a quick run, and a run added to the grid
+    without its report dep is named by `check`."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert not any(d.startswith("results/quick") or d == "results" for d in stages["report"]["deps"])
+    assert all(d.startswith("results/quick/") for d in stages["quick-report"]["deps"] if d.startswith("results"))
+    pipeline.check(params, notebook=None)  # dvc.yaml as committed agrees with params.yaml
+    wider = {**params, "grid": params["grid"] + ["resnet-1202-0"]}
+    with pytest.raises(ValueError, match=r"stage report must depend on every run.*\n  add    - results/resnet-1202-0/metrics.json"):
+        pipeline.check(wider, notebook=None)
 
 
 def test_check_names_every_bad_run_before_training(params):
-    bad = {**params, "grid": {"archs": ["plain", "resnat"], "depths": [20, 21], "seeds": [0]}}
+    bad = {**params, "grid": ["plain-20-0", "resnat-20-0", "resnat-21-0", "plain-21-0"],
+           "quick": {**params["quick"], "grid": ["plain-57-0"]}}
     with pytest.raises(ValueError) as e:
         pipeline.check(bad)
     msg = str(e.value)
     assert "nothing was trained" in msg
-    for name in ("resnat-20-0", "resnat-21-0", "plain-21-0"):
-        assert f"train@{name}" in msg
+    for name in ("train@resnat-20-0", "train@resnat-21-0", "train@plain-21-0", "quick@plain-57-0"):
+        assert name in msg
     assert "train@plain-20-0" not in msg
     assert "arch must be" in msg and "depth must be 6n+2" in msg
 
 
 @pytest.mark.parametrize("grid, error", [
-    ({"archs": [], "depths": [20], "seeds": [0]}, "grid.archs must be a non-empty list"),
-    ({"archs": ["plain"], "depths": [20, 20], "seeds": [0]}, "lists a value twice"),
-    ({"archs": ["plain"], "depths": [20], "seeds": [0], "widths": [1]}, "unknown grid key"),
+    ([], "grid must be a non-empty list"),
+    (["plain-20-0", "plain-20-0"], r"lists \['plain-20-0'\] twice"),
+    (["plain-20"], "'plain-20' is not a run name: write <arch>-<depth>-<seed>"),
 ])
 def test_malformed_grid_is_refused(params, grid, error):
     with pytest.raises(ValueError, match=error):
@@ -89,8 +124,10 @@ def test_malformed_grid_is_refused(params, grid, error):
 def test_check_refuses_unknown_train_keys_and_notebook_drift(params, tmp_path):
     with pytest.raises(ValueError, match=r"unknown training parameter\(s\) \['lr_decay'\]"):
         pipeline.check({**params, "train": {**params["train"], "lr_decay": 0.1}}, notebook=None)
-    with pytest.raises(ValueError, match="belongs in the grid"):
+    with pytest.raises(ValueError, match="belongs in the run names"):
         pipeline.check({**params, "train": {**params["train"], "depth": 20}}, notebook=None)
+    with pytest.raises(ValueError, match=r"quick.train sets \['iters'\]"):
+        pipeline.check({**params, "quick": {**params["quick"], "train": {"iters": 10}}}, notebook=None)
     nb = json.loads((ROOT / "notebooks" / "train.ipynb").read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     cell["source"] = [line for line in cell["source"] if not line.startswith("cuda_graphs")]
@@ -102,25 +139,31 @@ def test_check_refuses_unknown_train_keys_and_notebook_drift(params, tmp_path):
 def test_check_command_writes_a_constant_stamp(tmp_path):
     """The train stages depend on the stamp: widening the grid must not change it."""
     stamps = []
-    for seeds in ([0], [0, 1, 2]):
+    for more in ([], ["plain-20-1", "plain-20-2"]):
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        params["grid"]["seeds"] = seeds
+        params["grid"] += more
+        stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+        stages["stages"]["report"]["deps"] += [f"results/{run}/metrics.json" for run in more]
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-        pipeline.main(["--params", str(tmp_path / "params.yaml"), "check", "--stamp", str(tmp_path / "ok")])
+        (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(stages))
+        pipeline.main(["--params", str(tmp_path / "params.yaml"), "check", "--dvc-yaml", str(tmp_path / "dvc.yaml"),
+                       "--stamp", str(tmp_path / "ok")])
         stamps.append((tmp_path / "ok").read_bytes())
     assert stamps[0] == stamps[1]
 
 
 def test_train_stage_deps_cover_the_code_it_runs():
     """A change to any module the stage imports must rerun it: each is listed in its deps."""
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]
     code = "import sys, replicate.pipeline, replicate.train; print(*[m.__file__ for n, m in sys.modules.items() if n.startswith('replicate')])"
     files = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()
     used = {Path(f).resolve().relative_to(ROOT).as_posix() for f in files}
     assert used <= set(stage["deps"]), used - set(stage["deps"])
     assert {"notebooks/train.ipynb", "data/cifar-10-batches-py", "results/grid.checked"} <= set(stage["deps"])
-    assert {"persist": True} == next(o for o in stage["outs"] if isinstance(o, dict))["results/${key}/checkpoint.pt"]
+    assert {"persist": True} == next(o for o in stage["outs"] if isinstance(o, dict))["results/${item}/checkpoint.pt"]
+    quick = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["quick"]["do"]
+    assert quick["deps"] == stage["deps"] and quick["params"] == ["train", "quick.train"]
 
 
 def test_data_pin_is_the_official_tarball():
@@ -189,7 +232,18 @@ def test_fetch_refuses_a_copy_with_the_wrong_md5(offline_repo, cifar_tarball):
 def test_fetch_command_reads_the_md5_from_params(offline_repo, tmp_path_factory, small_dataset):
     tarball = make_tarball(tmp_path_factory.mktemp("other") / cifar.TARBALL, small_dataset)
     shutil.copy(tarball, offline_repo / "data" / cifar.TARBALL)
-    (offline_repo / "params.yaml").write_text(yaml.safe_dump({"data": {"md5": "0" * 32}, "train": {}, "grid": {}}))
+    (offline_repo / "params.yaml").write_text(yaml.safe_dump({"data": {"md5": "0" * 32}, "train": {}, "grid": [], "quick": {}}))
     with pytest.raises(SystemExit, match="expected 0{32}"):
         pipeline.main(["--params", str(offline_repo / "params.yaml"), "fetch",
                        "--dvc-file", str(offline_repo / "data.dvc")])
+
+
+def test_report_captions_name_the_data_and_mark_the_quick_look(params):
+    assert pipeline.caption(params) == "Data: CIFAR-10."
+    quick = pipeline.caption(params, "quick")
+    cfg = pipeline.config(params, pipeline.runs(params, "quick")[0], "quick")
+    assert quick.startswith(f"Quick look, not the paper's protocol: {cfg.iterations:,} iterations (the paper: 64,000), "
+                            f"lr 0.1 divided by 10 at {cfg.milestones[0]:,}, {cfg.milestones[1]:,}; intermediate "
+                            f"test errors on the first 1,000 test images, the final one on all.")
+    sample = {**params, "data": {**params["data"], "name": "real CIFAR-10, a 10% sample"}}
+    assert pipeline.caption(sample, "quick").endswith("Data: real CIFAR-10, a 10% sample.")

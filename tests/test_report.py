@@ -165,7 +165,7 @@ def test_partial_grids(tmp_path, names, net, expected):
     assert {"missing": ours == "missing", "diverged": ours == "diverged",
             "single": re.fullmatch(r"\d+\.\d\d", ours), "several": "±" in ours}[expected]
     verdicts = report.verdicts(runs)
-    assert len(verdicts) == 5 and all(re.search(r": (yes|no|unknown) \(", v) for v in verdicts)
+    assert len(verdicts) == 7 and all(re.search(r": (yes|no|unknown) \(", v) for v in verdicts)
 
 
 def test_resnet_1202_gets_a_row_and_the_third_panel(tmp_path):
@@ -210,12 +210,16 @@ def test_verdicts_from_the_data(runs, tmp_path):
     lines = report.verdicts(runs)
     assert lines[0] == (f"plain-56 ends with a higher training error than plain-20: "
                         f"{'yes' if p56 > p20 else 'no'} ({p56:.2f}% vs {p20:.2f}%)")
-    assert lines[2].endswith("; ResNet-44 missing)")
+    r56 = done[(done.arch == "resnet") & (done.depth == 56)].train_error.mean()
+    assert lines[2] == (f"ResNet-56 ends with a lower training error than plain-56: "
+                        f"{'yes' if r56 < p56 else 'no'} ({r56:.2f}% vs {p56:.2f}%)")
+    assert lines[4].endswith("; ResNet-44 missing)")
     root = results(tmp_path, ["plain-20-0"])
     assert report.degradation(report.collect(root)) == \
         "plain-56 ends with a higher training error than plain-20: unknown (plain-56 missing)"
     fake_run(root, "plain-32-0", "plain-56-0", depth=56)
     assert report.degradation(report.collect(root)).endswith("unknown (plain-56 diverged)")
+    assert report.residual_fix(report.collect(root)).endswith("unknown (ResNet-56 missing; plain-56 diverged)")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert all(": unknown (" in v for v in report.verdicts(report.collect(empty)))
@@ -267,3 +271,19 @@ def test_stage_command_writes_the_executed_notebook_and_every_file(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES + ["report.ipynb"])
     executed = nbformat.read(out / "report.ipynb", 4)
     assert any("plain-56 ends with" in o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+
+
+def test_label_says_what_the_runs_are(tmp_path):
+    """The line under every figure and the table: the caption, then the facts read from the runs
+    (images, iterations, hardware, precision), the date and the commit."""
+    root = tmp_path / "results"
+    root.mkdir()
+    for i, source in enumerate(["plain-20-0", "resnet-20-0"]):
+        fake_run(root, source, source, train_images=5085, test_images=1017, precision="bf16", iterations=600,
+                 device="cpu", device_name="x86_64")
+    note = report.label(report.collect(root), "Quick look.")
+    assert note.startswith("Quick look. 2 runs on 5,085 training and 1,017 test images, 600 iterations, "
+                           "CPU x86_64 (bf16); report of ")
+    assert re.search(r"report of \d{4}-\d\d-\d\d, commit [0-9a-f]{7}(-dirty)?\.$", note), note
+    # older runs without the provenance fields: "?" rather than a guess
+    assert "runs on ? training and ? test images" in report.label(report.collect(RUNS))

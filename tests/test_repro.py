@@ -1,6 +1,8 @@
-"""The DVC pipeline end to end, in temporary copies of the project, on a small generated tarball:
-`dvc repro` of a 2x2 grid, a second `dvc repro` that does nothing, a stage killed and resumed, and
-`make repro` without the data, with a wrong copy, with a right copy, and with a bad grid."""
+"""The pipeline end to end, in temporary copies of the project, on a small generated tarball:
+`make repro`'s grid runner (replicate.grid) on a 2x2 grid two at a time, a second run that trains
+nothing, `make quick`'s profile apart from the paper's, a failing run that does not stop the others,
+the whole process tree killed with SIGKILL and resumed to identical weights, and `make repro`
+without the data, with a wrong copy, with a right copy, and with a bad grid."""
 
 import json
 import os
@@ -21,12 +23,11 @@ from replicate import data as cifar
 from replicate import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-# One torch thread per process: the stages share a small CPU with each other and with other work,
-# and OpenMP threads that spin-wait for a busy core make every run several times slower.
-ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-       "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 TINY = dict(iterations=20, milestones=[10, 15], batch_size=16, log_every=5, eval_every=10,
             checkpoint_every=5, device="cpu", compile=False)
+GRID = ["plain-8-0", "resnet-8-0", "plain-20-0", "resnet-20-0"]
+QUICK = ["plain-8-0", "resnet-8-0"]
 
 pytestmark = pytest.mark.slow
 
@@ -43,16 +44,26 @@ def copy_project(dst: Path) -> Path:
     return dst
 
 
-def set_params(project: Path, md5: str, grid: dict, **train) -> None:
+def set_params(project: Path, md5: str, grid: list[str], quick: list[str] = QUICK, **train) -> None:
+    """Tiny params for `grid` and `quick`; dvc.yaml's report deps follow, as the README says to."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"]["md5"] = md5
     params["train"].update(TINY, **train)
     params["grid"] = grid
+    params["quick"] = {"grid": quick, "train": {"iterations": 12, "milestones": [6, 9], "log_every": 3,
+                                                "eval_every": 6, "eval_subset": 20, "checkpoint_every": 3}}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())
+    for name, runs in (("paper", grid), ("quick", quick)):
+        profile = pipeline.PROFILES[name]
+        stage = stages["stages"][profile.report_stage]
+        stage["deps"] = [d for d in stage["deps"] if not d.endswith("metrics.json")] + [
+            f"{profile.results}/{r}/metrics.json" for r in runs]
+    (project / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
 
 
-def run(*cmd, cwd, check=True):
-    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+def run(*cmd, cwd, check=True, env=ENV):
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check:
         assert done.returncode == 0, f"{cmd} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
@@ -60,6 +71,11 @@ def run(*cmd, cwd, check=True):
 
 def dvc(*args, cwd, check=True):
     return run(sys.executable, "-m", "dvc", *args, cwd=cwd, check=check)
+
+
+def grid(*args, cwd, check=True):
+    """What `make repro JOBS=2` runs after fetching."""
+    return run(sys.executable, "-m", "replicate.grid", "--jobs", "2", "--every", "2", *args, cwd=cwd, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -70,25 +86,27 @@ def tarball(tmp_path_factory):
 @pytest.fixture(scope="module")
 def grid_project(tmp_path_factory, tarball):
     """A copy of the project whose data.dvc imports the small tarball from a local path, with tiny
-    params for a 2x2 grid, after one `dvc repro` (timed)."""
+    params for a 2x2 grid, after one run of the grid runner, two at a time (timed)."""
     project = copy_project(tmp_path_factory.mktemp("project"))
     pipeline.import_data(str(tarball), project / "data.dvc")
-    set_params(project, cifar.md5sum(tarball), {"archs": ["plain", "resnet"], "depths": [8, 20], "seeds": [0]})
+    set_params(project, cifar.md5sum(tarball), GRID)
     start = time.perf_counter()
-    first = dvc("repro", cwd=project)
-    print(f"\nfirst dvc repro of the 2x2 grid: {time.perf_counter() - start:.1f} s")
+    first = grid(cwd=project)
+    print(f"\nfirst grid run of the 2x2 grid, 2 at a time: {time.perf_counter() - start:.1f} s")
     return project, first
 
 
-def test_repro_trains_every_run_of_the_grid(grid_project):
+def test_grid_trains_every_run_two_at_a_time_then_the_report(grid_project):
     project, first = grid_project
-    for name in ("plain-8-0", "plain-20-0", "resnet-8-0", "resnet-20-0"):
-        assert f"Running stage 'train@{name}'" in first.stdout
+    assert "4 runs of profile paper: 0 up to date, 4 to train (2 at a time: OMP_NUM_THREADS=" in first.stdout
+    for name in GRID:
         out = project / "results" / name
         metrics = json.loads((out / "metrics.json").read_text())
         arch, depth, seed = name.split("-")
         assert (metrics["arch"], metrics["depth"], metrics["seed"]) == (arch, int(depth), int(seed))
         assert (metrics["iterations"], metrics["diverged"], metrics["device"]) == (20, False, "cpu")
+        # where it ran: its slot's share of the cores
+        assert metrics["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
         assert 0 <= metrics["test_error"] <= 100 and metrics["params"] > 0 and metrics["seconds"] > 0
         assert metrics["config"]["batch_size"] == 16 and metrics["config"]["milestones"] == [10, 15]
         history = pd.read_csv(out / "history.csv")
@@ -100,30 +118,76 @@ def test_repro_trains_every_run_of_the_grid(grid_project):
         assert (out / "model.pt").is_file() and (out / "checkpoint.pt").is_file()
         executed = json.loads((out / "train.ipynb").read_text())
         assert not executed["metadata"]["papermill"]["exception"]
-        assert not [o for c in executed["cells"] for o in c.get("outputs", []) if o["output_type"] == "error"]
-    # papermill read the tarball's own md5 from params: prepare checked it against that
-    assert (project / "data" / cifar.FOLDER / "test_batch").is_file()
+        # the run's whole output is in its log, next to its results, and not on the terminal
+        log = (out / "train.log").read_text()
+        assert f"dvc --wait-for-lock repro -s train@{name}" in log and f"Running stage 'train@{name}'" in log
+        assert f"Running stage 'train@{name}'" not in first.stdout
+    # two at a time, the deepest first
+    events = [line.split("] ", 1)[1].split()[:2] for line in first.stdout.splitlines()
+              if line.startswith("[grid") and ("running  " in line or "done     " in line)]
+    assert events[:3] == [["running", "plain-20-0"], ["running", "resnet-20-0"], ["done", events[2][1]]], events
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert {f"train@{n}" for n in GRID} | {"prepare", "check", "report"} <= set(lock)
+    assert not any(s.startswith("quick") for s in lock)
+    table = pd.read_csv(project / "reports" / "table6.csv")
+    assert sorted(table.dropna(subset=["iterations"]).net) == ["ResNet-20", "ResNet-8", "plain-20", "plain-8"]
+    assert "4/4 done" in first.stdout and "report in reports/" in first.stdout
+    # nothing left to do: `dvc status` of the report and its upstream is clean
+    assert "Data and pipelines are up to date." in dvc("status", "report", cwd=project).stdout
 
 
-def test_second_repro_does_nothing(grid_project):
+def test_second_grid_run_trains_nothing(grid_project):
     project, _ = grid_project
-    again = dvc("repro", cwd=project)
-    assert "Running stage" not in again.stdout, again.stdout
+    logs = {n: (project / "results" / n / "train.log").read_text() for n in GRID}
+    again = grid(cwd=project)
+    assert "4 up to date, 0 to train" in again.stdout
+    assert "Running stage 'train@" not in again.stdout and "running  " not in again.stdout
+    assert {n: (project / "results" / n / "train.log").read_text() for n in GRID} == logs
+
+
+def test_quick_profile_keeps_its_runs_and_report_apart(grid_project):
+    project, _ = grid_project
+    paper_table = (project / "reports" / "table6.csv").read_bytes()
+    done = make(project, "quick", "JOBS=2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 runs of profile quick: 0 up to date, 2 to train" in done.stdout
+    for name in QUICK:
+        metrics = json.loads((project / "results" / "quick" / name / "metrics.json").read_text())
+        assert metrics["iterations"] == 12 and metrics["config"]["milestones"] == [6, 9]
+        history = pd.read_csv(project / "results" / "quick" / name / "history.csv")
+        assert history["test_error"].notna().tolist() == [False, True, False, True]
+        # the paper's run of the same name is untouched
+        assert json.loads((project / "results" / name / "metrics.json").read_text())["iterations"] == 20
+    for f in ("report.ipynb", "table6.csv", "table6.md", "table6.json", "fig1.png", "fig6.png", "fig7.png", "verdicts.md"):
+        assert (project / "reports" / "quick" / f).is_file(), f
+    quick_md = (project / "reports" / "quick" / "table6.md").read_text()
+    assert "Quick look, not the paper's protocol: 12 iterations" in quick_md and "first 20 test images" in quick_md
+    assert "2 runs on 320 training and 80 test images" in quick_md
+    quick_table = pd.read_csv(project / "reports" / "quick" / "table6.csv")
+    assert sorted(quick_table.dropna(subset=["iterations"]).iterations.unique()) == [12]
+    # the paper's report: same bytes, and no quick run in it
+    assert (project / "reports" / "table6.csv").read_bytes() == paper_table
     assert "Data and pipelines are up to date." in dvc("status", cwd=project).stdout
 
 
-def test_plots_and_metrics_show(grid_project):
+def test_a_failing_run_does_not_stop_the_others_and_no_report_is_built(grid_project):
     project, _ = grid_project
-    shown = json.loads(dvc("plots", "show", "--json", cwd=project).stdout)["data"]
-    # the top-level plots name the default grid: of this grid's runs, they find plain-20 and resnet-20
-    for family, run in (("plain nets", "plain-20-0"), ("residual nets", "resnet-20-0")):
-        for kind, column in (("training", "train_error"), ("test", "test_error")):
-            values = shown[f"{family}, {kind} error (%)"][0]["content"]["data"]["values"]
-            assert {v["filename"] for v in values} == {f"{run}/history.csv"}
-            assert [float(v[column]) for v in values if v[column]] == pytest.approx(
-                pd.read_csv(project / "results" / run / "history.csv")[column].dropna().tolist())
-    metrics = dvc("metrics", "show", "--json", cwd=project).stdout
-    assert all(f"results/{n}/metrics.json" in metrics for n in ("plain-8-0", "resnet-20-0"))
+    broken, other = project / "results" / "plain-20-0", project / "results" / "resnet-8-0"
+    saved = {p: p.read_bytes() for p in (broken / "checkpoint.pt", other / "checkpoint.pt")}
+    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")  # its stage now fails when it loads it
+    (broken / "model.pt").unlink()
+    (other / "model.pt").unlink()  # so this one trains again too
+    (project / "reports" / "table6.md").unlink()
+    failed = grid(cwd=project, check=False)
+    assert failed.returncode != 0
+    assert "failed   plain-20-0" in failed.stdout and "done     resnet-8-0" in failed.stdout
+    assert f"FAILED plain-20-0: exit 1; its log: {Path('results/plain-20-0/train.log')}" in failed.stderr
+    assert "1 of 4 runs failed, so the report (report) was not built" in failed.stderr
+    assert not (project / "reports" / "table6.md").exists()
+    assert "Error" in (broken / "train.log").read_text()
+    (broken / "checkpoint.pt").write_bytes(saved[broken / "checkpoint.pt"])
+    mended = grid(cwd=project)
+    assert "3 up to date, 1 to train" in mended.stdout and (project / "reports" / "table6.md").is_file()
 
 
 def kill_tree(process: subprocess.Popen) -> None:
@@ -137,7 +201,10 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def test_killed_stage_resumes_and_ends_identical(grid_project):
+def test_grid_killed_with_sigkill_resumes_and_ends_identical(grid_project):
+    """kill -9 of the grid runner's whole process tree (DVC, papermill, kernels) mid-run, then the
+    same command again: no hand clears a lock, the interrupted run resumes from its checkpoint to
+    the same weights as an uninterrupted one, and the finished runs are not trained again."""
     project, _ = grid_project
     out = project / "results" / "resnet-8-0"
     reference = {k: v.clone() for k, v in torch.load(out / "model.pt").items()}
@@ -145,11 +212,11 @@ def test_killed_stage_resumes_and_ends_identical(grid_project):
     ref_history = pd.read_csv(out / "history.csv")
 
     (out / "checkpoint.pt").unlink()  # the stage's persisted output: now it has to train again
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train@resnet-8-0"], cwd=project, env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "replicate.grid", "--jobs", "2"], cwd=project, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while not (out / "checkpoint.pt").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the stage ended before its first checkpoint"
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.02)
     kill_tree(proc)
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -161,8 +228,9 @@ def test_killed_stage_resumes_and_ends_identical(grid_project):
     checkpoint["state"]["seconds"] = 1e6
     torch.save(checkpoint, out / "checkpoint.pt")
 
-    resumed = dvc("repro", "train@resnet-8-0", cwd=project)
-    assert "Running stage 'train@resnet-8-0'" in resumed.stdout
+    resumed = grid(cwd=project)
+    assert "3 up to date, 1 to train" in resumed.stdout and "done     resnet-8-0" in resumed.stdout
+    assert resumed.stdout.count("running  ") == 1
     weights = torch.load(out / "model.pt")
     assert weights.keys() == reference.keys()
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
@@ -170,15 +238,20 @@ def test_killed_stage_resumes_and_ends_identical(grid_project):
     assert metrics["seconds"] > 1e6, "the stage did not resume from the checkpoint"
     assert {k: v for k, v in metrics.items() if k != "seconds"} == {k: v for k, v in ref_metrics.items() if k != "seconds"}
     pd.testing.assert_frame_equal(pd.read_csv(out / "history.csv"), ref_history)
+    assert (out / "train.log").read_text().count("=== ") >= 3  # every attempt's output kept
 
 
 # --- make repro on a machine without the data ---------------------------------------------------
 
 
-def make_repro(project: Path):
-    """`make repro` with this environment: -o keeps make from reinstalling it."""
+def make(project: Path, *targets: str):
+    """`make TARGET...` with this environment: -o keeps make from reinstalling it."""
     venv = Path(sys.prefix)
-    return run("make", "-o", f"{venv}/.installed", f"VENV={venv}", "repro", cwd=project, check=False)
+    return run("make", "-o", f"{venv}/.installed", f"VENV={venv}", *targets, cwd=project, check=False)
+
+
+def make_repro(project: Path):
+    return make(project, "repro")
 
 
 def test_make_repro_offline(tmp_path, tarball):
@@ -189,8 +262,7 @@ def test_make_repro_offline(tmp_path, tarball):
     md5 = cifar.md5sum(tarball)
     pin.write_text(pin.read_text().replace(cifar.MD5, md5))
     pipeline.restamp(pin)
-    set_params(project, md5, {"archs": ["resnet"], "depths": [8], "seeds": [0]}, iterations=10,
-               milestones=[5])
+    set_params(project, md5, ["resnet-8-0"], iterations=10, milestones=[5])
     pinned = pin.read_text()
     target = project / "data" / cifar.TARBALL
     extracted = project / "data" / cifar.FOLDER
@@ -214,56 +286,15 @@ def test_make_repro_offline(tmp_path, tarball):
     assert pin.read_text() == pinned
 
     # `dvc repro` without make: stage `prepare` itself refuses a tarball without the pinned md5
-    set_params(project, "0" * 32, {"archs": ["resnet"], "depths": [8], "seeds": [0]}, iterations=10,
-               milestones=[5])
+    set_params(project, "0" * 32, ["resnet-8-0"], iterations=10, milestones=[5])
     refused = dvc("repro", "prepare", cwd=project, check=False)
     assert refused.returncode != 0 and f"has md5 {md5}, expected {'0' * 32}" in refused.stderr
     assert not extracted.exists()
 
     # an unknown arch or depth: a clear error from stage `check`, before any run trains
-    set_params(project, md5, {"archs": ["resnet", "resnext"], "depths": [8, 9], "seeds": [0]})
+    set_params(project, md5, ["resnet-8-0", "resnext-9-0"])
     bad = make_repro(project)
     assert bad.returncode != 0
     assert "nothing was trained" in bad.stderr and "train@resnext-9-0" in bad.stderr
     assert "Running stage 'train@" not in bad.stdout
     assert sorted(p.name for p in (project / "results").iterdir() if p.is_dir()) == ["resnet-8-0"]
-
-
-# --- the grid in parallel: docs/pipeline.md's recipe, on stages that only record their GPU ------
-
-
-def test_queue_one_gpu_per_worker_then_collect(tmp_path):
-    """Queued experiments, workers spawned one by one with their own CUDA_VISIBLE_DEVICES, then
-    `collect`: every run lands in the workspace and dvc.lock, and `dvc repro` has nothing to do."""
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"iterations": 3},
-                                                          "grid": {"archs": ["plain", "resnet"], "depths": [20, 56]}}))
-    (tmp_path / "run.sh").write_text('mkdir -p results/$1 && sleep 3 && echo "gpu=$CUDA_VISIBLE_DEVICES" > results/$1/gpu.txt'
-                                     ' && touch results/$1/checkpoint.pt\n')
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": {
-        "matrix": {"arch": "${grid.archs}", "depth": "${grid.depths}"},
-        "cmd": "sh run.sh ${key}", "params": ["train"], "deps": ["run.sh"],
-        "outs": ["results/${key}/gpu.txt", {"results/${key}/checkpoint.pt": {"persist": True}}]}}}))
-    (tmp_path / ".gitignore").write_text("/results/\n")
-    run("git", "init", "-q", cwd=tmp_path)
-    dvc("init", "-q", cwd=tmp_path)
-    run("git", "add", "-A", cwd=tmp_path)
-    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "grid", cwd=tmp_path)
-    stages = [s for s in dvc("stage", "list", "--name-only", cwd=tmp_path).stdout.split() if s.startswith("train@")]
-    for stage in stages:
-        dvc("exp", "run", "--queue", stage, "--name", stage.replace("@", "-"), cwd=tmp_path)
-    try:
-        for gpu in (0, 1):  # not captured: the worker would hold the pipe open until it exits
-            subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(gpu + 1)], cwd=tmp_path,
-                           env={**ENV, "CUDA_VISIBLE_DEVICES": str(gpu)}, stdout=subprocess.DEVNULL, check=True)
-        deadline = time.monotonic() + 240
-        while dvc("queue", "status", cwd=tmp_path).stdout.count("Success") < len(stages):
-            status = dvc("queue", "status", cwd=tmp_path).stdout
-            assert "Failed" not in status and time.monotonic() < deadline, status
-            time.sleep(1)
-    finally:
-        dvc("queue", "stop", cwd=tmp_path, check=False)
-    done = run(sys.executable, "-m", "replicate.pipeline", "collect", cwd=tmp_path)
-    assert all(s in done.stdout for s in stages)
-    gpus = [(tmp_path / "results" / s.split("@")[1] / "gpu.txt").read_text().strip() for s in stages]
-    assert set(gpus) == {"gpu=0", "gpu=1"}, gpus  # two workers, each with its own GPU
-    assert "Running stage" not in dvc("repro", cwd=tmp_path).stdout

@@ -160,3 +160,38 @@ def test_cli_trains_from_params_file(tmp_path, cifar_root, capsys):
                  "--arch", "plain", "--depth", "8"])
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (m["arch"], m["depth"], m["iterations"], m["config"]["milestones"]) == ("plain", 8, 20, [10])
+
+
+@pytest.mark.parametrize("flags, native", [("fpu sse2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16 amx_tile", True),
+                                           ("fpu sse2 avx2 avx512f", False)])
+def test_cpu_bf16_only_where_it_is_native(monkeypatch, flags, native):
+    """bf16 autocast pays only on CPUs with AVX512-BF16 or AMX; elsewhere oneDNN emulates it and it
+    is slower than fp32, so those runs stay fp32."""
+    real_read = engine.Path.read_text
+    monkeypatch.setattr(engine.Path, "read_text",
+                        lambda self, *a, **k: f"flags\t\t: {flags}\n" if str(self) == "/proc/cpuinfo" else real_read(self, *a, **k))
+    assert engine.native_bf16(torch.device("cpu")) is native
+    assert engine.native_bf16(torch.device("meta")) is False
+
+
+def test_bf16_steps_keep_weights_and_bn_statistics_in_fp32(small_dataset, monkeypatch):
+    """Under CPU autocast the convolutions run in bf16, but the weights, the BN running statistics
+    and the loss stay fp32; the run records its precision."""
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    cfg = Config(arch="resnet", depth=8, iterations=4, milestones=[2], batch_size=16, log_every=2, eval_every=2,
+                 device="cpu", compile=False)
+    e = engine.make_engine(cfg, small_dataset)
+    assert e.bf16
+    x, y = e.loader.batch(0)
+    loss, _ = engine.train_step(e.step_model, e.optimizer, x, y, e.autocast)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in e.model.parameters())
+    bn = e.model.layer1[0].bn1
+    assert bn.running_mean.dtype == bn.running_var.dtype == torch.float32
+    assert not torch.equal(bn.running_var, torch.ones_like(bn.running_var))  # updated by the step
+    with e.autocast():
+        assert e.model.conv1(x).dtype == torch.bfloat16
+    monkeypatch.setattr(engine, "native_bf16", lambda device: False)
+    assert not engine.make_engine(cfg, small_dataset).bf16  # emulated bf16: fp32, as asked or not
+    result = train(cfg, dataset=small_dataset, progress=False)
+    assert result.metrics["precision"] == "fp32"

@@ -1,0 +1,158 @@
+"""replicate.grid without DVC: the worker slots and their pins, the progress view, and local runs
+side by side with failures (tests/test_repro.py runs the real grid end to end)."""
+
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from replicate import grid, slurm
+
+
+def test_auto_on_cuda_is_slots_per_gpu_round_robin():
+    pins = grid.slots("auto", n_runs=14, gpus=2, cores=16, memory_gb=100)
+    assert len(pins) == grid.SLOTS_PER_GPU * 2
+    assert [p["CUDA_VISIBLE_DEVICES"] for p in pins] == ["0", "1"] * grid.SLOTS_PER_GPU
+    assert all(p["OMP_NUM_THREADS"] == str(16 // len(pins)) for p in pins)
+
+
+def test_auto_on_cpu_splits_the_cores_within_memory():
+    assert [p["OMP_NUM_THREADS"] for p in grid.slots("auto", 14, gpus=0, cores=2, memory_gb=20)] == ["1", "1"]
+    pins = grid.slots("auto", 14, gpus=0, cores=16, memory_gb=20)  # memory allows 6 workers
+    assert len(pins) == 6 and all(p["OMP_NUM_THREADS"] == "2" for p in pins)
+    assert all("CUDA_VISIBLE_DEVICES" not in p for p in pins)
+    assert len(grid.slots("auto", 14, gpus=0, cores=2, memory_gb=1)) == 1  # never none
+
+
+def test_explicit_jobs_are_capped_by_the_runs_and_checked():
+    assert len(grid.slots(3, 14, gpus=0, cores=2, memory_gb=64)) == 3
+    assert len(grid.slots("8", 2, gpus=1, cores=2, memory_gb=64)) == 2
+    assert [p["OMP_NUM_THREADS"] for p in grid.slots(1, 5, gpus=0, cores=4, memory_gb=64)] == ["4"]
+    with pytest.raises(ValueError, match="JOBS must be a positive number or auto"):
+        grid.slots(0, 4, gpus=0, cores=2, memory_gb=64)
+
+
+def test_progress_reads_the_last_training_bar_of_a_log(tmp_path):
+    log = tmp_path / "train.log"
+    assert grid.progress(log) is None
+    log.write_text("=== header\n")
+    assert grid.progress(log) is None
+    log.write_bytes(b"resnet-56:  10%|#  | 100/1000 [00:10<01:30]\rresnet-56:  41%|####  | 410/1000 [00:41<00:59, 9.9it/s]")
+    assert grid.progress(log) == pytest.approx(0.41)
+
+
+def make_tasks(tmp_path, scripts: dict[str, str]) -> list[grid.Task]:
+    """Tasks whose command is a small Python script instead of `dvc repro` (Task.argv overridden)."""
+    class ScriptTask(grid.Task):
+        @property
+        def argv(self):
+            return [sys.executable, "-c", scripts[self.run]]
+
+    return [ScriptTask(run, f"train@{run}", tmp_path / run / "train.log") for run in scripts]
+
+
+RECORD = """import json, os, sys, time
+print(json.dumps({{"start": time.time(), "omp": os.environ.get("OMP_NUM_THREADS"),
+                   "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}}), flush=True)
+time.sleep({sleep})
+print("resnet: 100%|#####| 10/10 [00:01<00:00]")
+sys.exit({code})
+"""
+
+
+def test_local_runs_go_side_by_side_with_their_pins_and_a_failure_stops_nothing(tmp_path):
+    scripts = {"resnet-56-0": RECORD.format(sleep=1.5, code=0), "plain-56-0": RECORD.format(sleep=0.2, code=3),
+               "resnet-20-0": RECORD.format(sleep=0.2, code=0), "plain-20-0": RECORD.format(sleep=0.2, code=0)}
+    tasks = make_tasks(tmp_path, scripts)
+    pins = [{"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "0"}, {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "1"}]
+    out = io.StringIO()
+    view = grid.View(tasks, every=0, stream=out)
+    codes = grid.run_local(tasks, tmp_path, view, pins, poll=0.05)
+    assert codes == {"resnet-56-0": 0, "plain-56-0": 3, "resnet-20-0": 0, "plain-20-0": 0}
+    records = {t.run: json.loads(next(line for line in t.log.read_text().splitlines() if line.startswith('{"start"')))
+               for t in tasks}
+    # the two deepest first, on both GPUs at once; the failed run's slot takes the next ones
+    assert records["plain-56-0"]["start"] < records["resnet-56-0"]["start"] + 1.0
+    assert {records[r]["gpu"] for r in ("resnet-56-0", "plain-56-0")} == {"0", "1"}
+    assert records["resnet-20-0"]["start"] < records["resnet-56-0"]["start"] + 1.5, "a failure stopped the queue"
+    assert all(r["omp"] == "1" for r in records.values())
+    text = out.getvalue()
+    assert "failed   plain-56-0: exit 3" in text and "done     resnet-56-0" in text
+    assert "4/4 done" not in text and "1 failed" in text
+    header = tasks[0].log.read_text().splitlines()[1]
+    assert header.startswith("=== ") and "CUDA_VISIBLE_DEVICES=" in header
+
+
+def test_a_rerun_appends_to_the_log_of_the_attempt_before(tmp_path):
+    task = make_tasks(tmp_path, {"plain-20-0": "print('attempt')"})[0]
+    assert grid.run_task(task, tmp_path) == 0
+    assert grid.run_task(task, tmp_path) == 0
+    lines = task.log.read_text().splitlines()
+    assert lines.count("attempt") == 2 and sum(line.startswith("=== ") for line in lines) == 2
+
+
+def test_view_gives_an_eta_from_the_work_done(tmp_path):
+    tasks = make_tasks(tmp_path, {"plain-56-0": "", "plain-20-0": ""})
+    view = grid.View(tasks, already_done=1, every=0, stream=io.StringIO())
+    view.start -= 100  # 100 s ago
+    view.set("plain-56-0", "running")
+    assert view.eta(100) is None  # nothing measured yet
+    tasks[0].log.parent.mkdir()
+    tasks[0].log.write_text("plain-56: 50%| | 500/1000 [")
+    # 28 of 76 units of work in 100 s: 48 left take 171 s
+    assert view.eta(100) == pytest.approx(48 / (28 / 100))
+    assert view.status().startswith("1/3 done, 1 running (plain-56-0 50%), 1 queued, 0 failed, elapsed 0:01:40, ETA 0:02:51")
+
+
+def test_outcome_says_a_diverged_run_is_a_result(tmp_path):
+    task = make_tasks(tmp_path, {"plain-110-0": ""})[0]
+    task.log.parent.mkdir()
+    (task.log.parent / "metrics.json").write_text(json.dumps({"diverged": True, "diverged_at": 1234}))
+    assert grid.outcome(task, 0) == "diverged at iteration 1234 (recorded: a result, not a failure)"
+    assert grid.outcome(task, 1) == "exit 1"
+    (task.log.parent / "metrics.json").write_text(json.dumps({"diverged": False, "train_error": 1.5, "test_error": 7.25}))
+    assert grid.outcome(task, 0) == "train error 1.50%, test error 7.25%"
+
+
+def test_slurm_overrides_parse_as_yaml():
+    params = {"slurm": {"partition": None, "timeout_min": 240}}
+    assert grid.slurm_options(params, ["partition=gpu", "timeout_min=60", "additional={qos: high}"]) == {
+        "partition": "gpu", "timeout_min": 60, "additional": {"qos": "high"}}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        grid.slurm_options(params, ["partition"])
+
+
+def test_bad_jobs_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit, match="JOBS must be a positive number or auto, got 'many'"):
+        grid.main(["--jobs", "many"])
+
+
+def test_a_run_ignores_slurms_usr2_warning(tmp_path):
+    """Slurm sends USR2 to every process of a task before it preempts it; only submitit acts on it.
+    The run itself must not die of it (USR2's default action kills a process)."""
+    script = "import os, signal; os.kill(os.getpid(), signal.SIGUSR2); print('survived')"
+    task = make_tasks(tmp_path, {"plain-20-0": script})[0]
+    assert grid.run_task(task, tmp_path) == 0
+    assert "survived" in task.log.read_text()
+
+
+def test_stages_report_their_exit_codes_through_submitit(tmp_path):
+    """slurm.Stage in submitit's local executor (no Slurm): 0 is a result, a failing command's exit
+    code comes back as the run's code, as run() reads it from a Slurm job."""
+    tasks = make_tasks(tmp_path, {"plain-20-0": "print('ok')", "plain-56-0": "import sys; sys.exit(3)"})
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
+    executor.update_parameters(timeout_min=5)
+    jobs = [executor.submit(slurm.Stage(task, tmp_path, grid.run_task)) for task in tasks]
+    assert [slurm._exit_code(job) for job in jobs] == [0, 3]
+    assert "ok" in tasks[0].log.read_text()
+
+
+def test_unknown_slurm_option_names_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown slurm option\(s\) \['timeout'\]; known: .*timeout_min"):
+        slurm.executor(tmp_path, {"timeout": 5})
