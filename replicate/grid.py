@@ -33,8 +33,8 @@ from . import pipeline
 # Local slots per GPU for JOBS=auto. A documented guess, not a measurement (no GPU has been lent
 # to this project yet): ResNet-20..110 at batch 128 leave most of a large GPU idle.
 SLOTS_PER_GPU = 4
-# Torch threads per CPU worker for JOBS=auto: on our 2-core CPU, 2 workers of 1 thread trained the
-# quick grid faster than 1 worker of 2 threads (docs/speed.md, "The grid on a CPU").
+# Torch threads per CPU worker for JOBS=auto: on our 2-core CPU, 2 workers of 1 thread ran the tiny
+# 14-run grid 1.45x faster than 1 worker of 2 threads, long runs 1.0-1.3x (docs/speed.md, "The grid on a CPU").
 THREADS_PER_CPU_WORKER = 1
 GB_PER_WORKER = 3  # a worker holds the padded training set (1 GB in float32), the net and a kernel
 
