@@ -93,7 +93,9 @@ def slots(jobs: str | int, n_runs: int, gpus: int | None = None, cores: int | No
     CUDA: JOBS=auto is SLOTS_PER_GPU per GPU, and slot i sees GPU i mod GPUs only. CPU: auto is
     one worker per THREADS_PER_CPU_WORKER cores, at most one per GB_PER_WORKER GB of memory. Every
     worker gets its share of the cores as torch threads (OMP_NUM_THREADS), which also keeps
-    OpenMP threads of different workers from spin-waiting on each other's cores.
+    OpenMP threads of different workers from spin-waiting on each other's cores. The share comes
+    from JOBS, not from how many runs are left: a CPU run resumed by a rerun with fewer runs to go
+    must keep its thread count, or it does not end bitwise identical to an uninterrupted one.
     """
     gpus = cuda_gpus() if gpus is None else gpus
     cores = cpu_count() if cores is None else cores
@@ -104,8 +106,9 @@ def slots(jobs: str | int, n_runs: int, gpus: int | None = None, cores: int | No
         k = int(jobs)
         if k < 1:
             raise ValueError(f"JOBS must be a positive number or auto, got {jobs!r}")
-    k = max(1, min(k, n_runs))
+    k = max(1, k)
     threads = str(max(1, cores // k))
+    k = min(k, n_runs)
     pins = []
     for i in range(k):
         env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}

@@ -33,6 +33,9 @@ def test_explicit_jobs_are_capped_by_the_runs_and_checked():
     assert len(grid.slots(3, 14, gpus=0, cores=2, memory_gb=64)) == 3
     assert len(grid.slots("8", 2, gpus=1, cores=2, memory_gb=64)) == 2
     assert [p["OMP_NUM_THREADS"] for p in grid.slots(1, 5, gpus=0, cores=4, memory_gb=64)] == ["4"]
+    # the last run left keeps the threads it had among others: exact resume needs the same count
+    assert [p["OMP_NUM_THREADS"] for p in grid.slots(2, 1, gpus=0, cores=2, memory_gb=64)] == ["1"]
+    assert [p["OMP_NUM_THREADS"] for p in grid.slots("auto", 1, gpus=0, cores=2, memory_gb=64)] == ["1"]
     with pytest.raises(ValueError, match="JOBS must be a positive number or auto"):
         grid.slots(0, 4, gpus=0, cores=2, memory_gb=64)
 

@@ -6,6 +6,7 @@ without the data, with a wrong copy, with a right copy, and with a bad grid."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -181,7 +182,9 @@ def test_a_failing_run_does_not_stop_the_others_and_no_report_is_built(grid_proj
     failed = grid(cwd=project, check=False)
     assert failed.returncode != 0
     assert "failed   plain-20-0" in failed.stdout and "done     resnet-8-0" in failed.stdout
-    assert f"FAILED plain-20-0: exit 1; its log: {Path('results/plain-20-0/train.log')}" in failed.stderr
+    # DVC's own exit code for a failed stage (255 with DVC 3.67), not the notebook's
+    assert re.search(rf"FAILED plain-20-0: exit [1-9]\d*; its log: {re.escape(str(Path('results/plain-20-0/train.log')))}",
+                     failed.stderr), failed.stderr
     assert "1 of 4 runs failed, so the report (report) was not built" in failed.stderr
     assert not (project / "reports" / "table6.md").exists()
     assert "Error" in (broken / "train.log").read_text()
