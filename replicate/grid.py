@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import yaml
 
 from . import pipeline
@@ -126,8 +127,6 @@ def cuda_gpus() -> int:
 
 
 def available_gb() -> float:
-    import psutil
-
     return psutil.virtual_memory().available / 2**30
 
 
@@ -242,8 +241,6 @@ def run_local(tasks: list[Task], root: Path, view: View, pins: list[dict[str, st
     Ctrl-C or SIGTERM stops every run it started, kernels included; checkpoints on disk are the
     truth, so the next `make repro` resumes them.
     """
-    import psutil
-
     free = list(range(len(pins)))
     # The deepest first: the short runs then fill the slots the long ones leave (4 quick runs on 2
     # slots: 56, 56 | 20, 20 ends when 56 + 20 are done, 20, 56 | 20, 56 after 56 + 56).
@@ -270,7 +267,7 @@ def run_local(tasks: list[Task], root: Path, view: View, pins: list[dict[str, st
     except KeyboardInterrupt:
         view.say(f"interrupted: stopping {len(running)} running run(s); `make repro` again resumes them")
         for proc, _ in running.values():
-            _stop_tree(psutil, proc.pid)
+            _stop_tree(proc.pid)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -281,7 +278,7 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _stop_tree(psutil, pid: int, grace: float = 10.0) -> None:
+def _stop_tree(pid: int, grace: float = 10.0) -> None:
     """SIGTERM a process and its descendants (the notebook's kernel runs in its own session, so a
     terminal's Ctrl-C does not reach it), then SIGKILL what is left after `grace` seconds."""
     try:
