@@ -101,12 +101,9 @@ def slots(jobs: str | int, n_runs: int, gpus: int | None = None, cores: int | No
     gpus = cuda_gpus() if gpus is None else gpus
     cores = cpu_count() if cores is None else cores
     memory_gb = available_gb() if memory_gb is None else memory_gb
-    if jobs == "auto":
+    k = parse_jobs(jobs)
+    if k is None:
         k = SLOTS_PER_GPU * gpus if gpus else min(cores // THREADS_PER_CPU_WORKER, int(memory_gb // GB_PER_WORKER))
-    else:
-        k = int(jobs)
-        if k < 1:
-            raise ValueError(f"JOBS must be a positive number or auto, got {jobs!r}")
     k = max(1, k)
     threads = str(max(1, cores // k))
     k = min(k, n_runs)
@@ -117,6 +114,19 @@ def slots(jobs: str | int, n_runs: int, gpus: int | None = None, cores: int | No
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         pins.append(env)
     return pins
+
+
+def parse_jobs(jobs: str | int) -> int | None:
+    """JOBS as a count of slots, or None for auto; anything else is refused."""
+    if jobs == "auto":
+        return None
+    try:
+        k = int(jobs)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1:
+        raise ValueError(f"JOBS must be a positive number or auto, got {jobs!r}")
+    return k
 
 
 def cuda_gpus() -> int:
@@ -344,8 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         params = pipeline.load_params(args.params)
         pipeline.check(params, pipeline.NOTEBOOK, pipeline.DVC_YAML)
         names = [r.name for r in pipeline.runs(params, args.profile)]
-        if args.jobs != "auto" and not str(args.jobs).isdigit():
-            raise ValueError(f"JOBS must be a positive number or auto, got {args.jobs!r}")
+        parse_jobs(args.jobs)  # before any DVC command runs
         options = slurm_options(params, args.slurm) if args.executor == "slurm" else {}
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -134,6 +134,8 @@ def test_bad_jobs_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     with pytest.raises(SystemExit, match="JOBS must be a positive number or auto, got 'many'"):
         grid.main(["--jobs", "many"])
+    with pytest.raises(SystemExit, match="JOBS must be a positive number or auto, got '0'"):
+        grid.main(["--jobs", "0"])
 
 
 def test_a_run_ignores_slurms_usr2_warning(tmp_path):
