@@ -211,8 +211,9 @@ def caption(params: dict, profile: str = "paper") -> str:
     cfg = config(params, runs(params, profile)[0], profile)
     subset = (f"intermediate test errors on the first {cfg.eval_subset:,} test images, the final one on all"
               if cfg.eval_subset else "test errors on the whole test set")
+    ramp = f", reached by a linear ramp over the first {cfg.lr_ramp:,} iterations" if cfg.lr_ramp else ""
     return (f"Quick look, not the paper's protocol: {cfg.iterations:,} iterations (the paper: 64,000), "
-            f"lr {cfg.lr:g} divided by 10 at {', '.join(f'{m:,}' for m in cfg.milestones)}; {subset}. {data}")
+            f"lr {cfg.lr:g}{ramp}, divided by 10 at {', '.join(f'{m:,}' for m in cfg.milestones)}; {subset}. {data}")
 
 
 def fetch(md5: str, dvc_file: str | Path = DATA_PIN) -> Path:

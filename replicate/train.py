@@ -3,6 +3,7 @@
 SGD (momentum 0.9, weight decay 1e-4, batch 128), lr 0.1 divided by 10 at 32k and 48k, stop at
 64k; for depth >= 110 a warm-up at lr 0.01 until the training error is below 80%, then back to
 0.1. Checkpoints are atomic and resume is exact; a non-finite loss ends the run as 'diverged'.
+`lr_ramp` (not the paper's, off in its protocol) is the quick look's short linear lr ramp.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .models import build, check_depth, record_responses
 CHECKPOINT = "checkpoint.pt"
 # Fields that define the experiment: a checkpoint may only be resumed by the same ones.
 # (log_every too: the warm-up is judged, and the saved partial interval sized, per log interval.)
-PROTOCOL = ("arch", "depth", "shortcut", "seed", "milestones", "lr", "batch_size", "momentum",
+PROTOCOL = ("arch", "depth", "shortcut", "seed", "milestones", "lr", "lr_ramp", "batch_size", "momentum",
             "weight_decay", "warmup", "warmup_lr", "warmup_until", "val_size", "log_every")
 
 
@@ -45,6 +46,7 @@ class Config:
     iterations: int = 64_000
     milestones: list[int] = field(default_factory=lambda: [32_000, 48_000])
     lr: float = 0.1
+    lr_ramp: int = 0               # >0: lr rises linearly to lr over this many first iterations (not the paper's)
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -69,6 +71,8 @@ class Config:
         for name in ("iterations", "batch_size", "log_every", "eval_every", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if int(self.lr_ramp) < 0:
+            raise ValueError(f"lr_ramp must be 0 (no ramp, the paper's) or a positive count of iterations, got {self.lr_ramp!r}")
         if int(self.eval_subset) < 0:
             raise ValueError(f"eval_subset must be 0 (the whole test set) or a positive count, got {self.eval_subset!r}")
         if self.milestones != sorted(self.milestones) or any(m < 1 for m in self.milestones):
@@ -89,15 +93,19 @@ class Config:
 
 class PaperSchedule:
     """lr multiplier at an iteration: x0.1 per milestone passed, and warmup_lr/lr while warming up.
+    With `ramp` > 0 (the quick look only), also (iteration + 1) / ramp over the first `ramp` iterations.
 
     A callable object (not a lambda) so LambdaLR saves its state, the warm-up flag included.
     """
 
-    def __init__(self, milestones: list[int], warmup_factor: float, warming: bool):
+    def __init__(self, milestones: list[int], warmup_factor: float, warming: bool, ramp: int = 0):
         self.milestones, self.warmup_factor, self.warming = list(milestones), warmup_factor, warming
+        self.ramp = ramp
 
     def __call__(self, iteration: int) -> float:
         factor = 0.1 ** bisect.bisect_right(self.milestones, iteration)
+        if self.ramp:
+            factor *= min(1.0, (iteration + 1) / self.ramp)
         return factor * (self.warmup_factor if self.warming else 1.0)
 
 
@@ -225,7 +233,9 @@ def check_resumable(saved: dict, cfg: Config, path: Path) -> None:
             f"but this run is {cfg.arch}-{cfg.depth} (shortcut {cfg.shortcut}): use another out_dir "
             "or delete the checkpoint"
         )
-    diff = {k: (saved[k], ours[k]) for k in PROTOCOL if saved.get(k) != ours[k]}
+    # A field newer than the checkpoint had its default (the class attribute) when it was saved.
+    saved = {k: saved.get(k, getattr(Config, k, None)) for k in PROTOCOL}
+    diff = {k: (saved[k], ours[k]) for k in PROTOCOL if saved[k] != ours[k]}
     if diff:
         raise ValueError(
             f"{path} was trained with other settings {{name: (checkpoint, now)}} = {diff}: "
@@ -270,7 +280,7 @@ def make_engine(cfg: Config, dataset: cifar.Cifar10) -> Engine:
     torch.manual_seed(cfg.seed)  # the weight init
     model = build(cfg.arch, cfg.depth, shortcut=cfg.shortcut).to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, cfg, device)
-    schedule = PaperSchedule(cfg.milestones, cfg.warmup_lr / cfg.lr, warming=cfg.warmup)
+    schedule = PaperSchedule(cfg.milestones, cfg.warmup_lr / cfg.lr, warming=cfg.warmup, ramp=cfg.lr_ramp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step_model = model
     if compile_pays(cfg.compile, device, cfg.iterations):  # the whole run decides: resume stays exact

@@ -38,7 +38,7 @@ def test_params_hold_the_papers_protocol_and_grid(params):
     assert (train["lr"], train["batch_size"], train["momentum"], train["weight_decay"]) == (0.1, 128, 0.9, 1e-4)
     assert train["warmup"] is None and train["warmup_lr"] == 0.01 and train["warmup_until"] == 80.0
     assert train["shortcut"] == "A" and train["val_size"] == 0 and train["device"] == "auto"
-    assert train["eval_subset"] == 0 and train["bf16"] is True
+    assert train["eval_subset"] == 0 and train["bf16"] is True and train["lr_ramp"] == 0
     # the paper's runs: the ten nets once, ResNet-110 five times (Table 6: best and mean±std of 5)
     ten = [f"{a}-{d}-0" for a in ("plain", "resnet") for d in (20, 32, 44, 56, 110)]
     assert params["grid"] == ten + [f"resnet-110-{s}" for s in (1, 2, 3, 4)]
@@ -62,6 +62,8 @@ def test_quick_profile_shortens_the_run_and_keeps_the_rest_of_the_protocol(param
     for key in ("lr", "momentum", "weight_decay", "batch_size", "shortcut", "warmup", "val_size"):
         assert getattr(cfg, key) == getattr(paper, key), key
     assert 0 < cfg.eval_subset and cfg.iterations % cfg.eval_every == 0
+    # the one change of protocol: a short ramp to lr 0.1, over before the first milestone
+    assert paper.lr_ramp == 0 and 0 < cfg.lr_ramp < cfg.milestones[0]
     assert set(quick["train"]) <= set(params["train"])
 
 
@@ -243,7 +245,8 @@ def test_report_captions_name_the_data_and_mark_the_quick_look(params):
     quick = pipeline.caption(params, "quick")
     cfg = pipeline.config(params, pipeline.runs(params, "quick")[0], "quick")
     assert quick.startswith(f"Quick look, not the paper's protocol: {cfg.iterations:,} iterations (the paper: 64,000), "
-                            f"lr 0.1 divided by 10 at {cfg.milestones[0]:,}, {cfg.milestones[1]:,}; intermediate "
+                            f"lr 0.1, reached by a linear ramp over the first {cfg.lr_ramp} iterations, divided by 10 "
+                            f"at {cfg.milestones[0]:,}, {cfg.milestones[1]:,}; intermediate "
                             f"test errors on the first 1,000 test images, the final one on all.")
     sample = {**params, "data": {**params["data"], "name": "real CIFAR-10, a 10% sample"}}
     assert pipeline.caption(sample, "quick").endswith("Data: real CIFAR-10, a 10% sample.")

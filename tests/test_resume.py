@@ -16,7 +16,7 @@ ITERATIONS = 300
 
 def command(data_root, out_dir):
     return [sys.executable, "-m", "replicate.train", "--data", str(data_root), "--out", str(out_dir),
-            "--arch", "resnet", "--depth", "8", "--iterations", str(ITERATIONS), "--milestones", "150,250",
+            "--arch", "resnet", "--depth", "8", "--iterations", str(ITERATIONS), "--milestones", "150,250", "--lr-ramp", "30",
             "--batch-size", "32", "--log-every", "10", "--eval-every", "50", "--checkpoint-every", "20",
             "--device", "cpu"]
 

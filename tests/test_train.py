@@ -26,6 +26,13 @@ def test_schedule_divides_by_ten_at_each_milestone(small_dataset):
     assert h.lr.tolist() == pytest.approx([0.1, 0.1, 0.01, 0.001])
 
 
+def test_lr_ramp_rises_linearly_to_lr_then_follows_the_schedule(small_dataset):
+    """The quick look's ramp: iteration i (from 1) trains at lr * i / lr_ramp until lr_ramp; log_every=1
+    records every iteration's lr."""
+    result = train(tiny(lr_ramp=4, iterations=8, milestones=[6], log_every=1), dataset=small_dataset, progress=False)
+    assert result.history.lr.tolist() == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.01, 0.01])
+
+
 def test_warm_up_is_on_for_depth_110_and_up_by_default():
     assert Config(depth=110).warmup and Config(depth=1202).warmup
     assert not Config(depth=56).warmup
@@ -112,6 +119,18 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, small_dat
         train(tiny(iterations=20, lr=0.05), dataset=small_dataset, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="other settings.*'log_every': \\(10, 5\\)"):
         train(tiny(iterations=20, log_every=5), dataset=small_dataset, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="other settings.*'lr_ramp': \\(0, 5\\)"):
+        train(tiny(iterations=20, lr_ramp=5), dataset=small_dataset, out_dir=tmp_path, progress=False)
+
+
+def test_a_checkpoint_from_before_lr_ramp_existed_resumes_as_no_ramp(tmp_path, small_dataset):
+    train(tiny(iterations=20), dataset=small_dataset, out_dir=tmp_path, progress=False)
+    ckpt = torch.load(tmp_path / engine.CHECKPOINT, weights_only=False)
+    del ckpt["config"]["lr_ramp"]
+    torch.save(ckpt, tmp_path / engine.CHECKPOINT)
+    assert train(tiny(iterations=30), dataset=small_dataset, out_dir=tmp_path, progress=False).metrics["iterations"] == 30
+    with pytest.raises(ValueError, match="other settings.*'lr_ramp': \\(0, 5\\)"):
+        train(tiny(iterations=40, lr_ramp=5), dataset=small_dataset, out_dir=tmp_path, progress=False)
 
 
 def test_a_finished_run_can_be_extended(tmp_path, small_dataset):
@@ -126,6 +145,7 @@ def test_a_finished_run_can_be_extended(tmp_path, small_dataset):
     (dict(arch="densenet"), "arch must be"),
     (dict(iterations=0), "iterations must be a positive integer"),
     (dict(milestones=[48_000, 32_000]), "milestones must be increasing"),
+    (dict(lr_ramp=-1), "lr_ramp must be 0"),
     (dict(learning_rate=0.1), "unknown training parameter.*learning_rate"),
 ])
 def test_bad_config_is_rejected_before_training(values, match):
