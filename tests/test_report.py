@@ -14,6 +14,7 @@ notebook's; another copies it next to a copy of the runs and runs `pytest --nbva
 so the current code must print exactly the committed table and verdicts.
 """
 
+import dataclasses
 import json
 import re
 import shutil
@@ -193,6 +194,18 @@ def test_one_colour_per_depth_in_every_figure(runs):
                     seen.setdefault(int(m[2]), set()).add(colour)
     assert all(len(c) == 1 for c in seen.values()), seen
     assert len({c for cs in seen.values() for c in cs}) == len(seen)  # depths differ in colour
+
+
+def test_iterations_axis_is_in_1e4_as_the_papers_for_long_runs_and_plain_for_short_ones(runs):
+    """The fixture's runs are tens of iterations, like the quick look's 800: plain counts. The same
+    runs stretched to the paper's length are drawn in units of 1e4."""
+    longest = runs.history.iteration.max()
+    short = report.fig1(runs).axes[0]
+    assert short.get_xlabel() == "iterations" and max(l.get_xdata().max() for l in short.lines if len(l.get_xdata())) == longest
+    stretched = dataclasses.replace(runs, history=runs.history.assign(iteration=runs.history.iteration * 1000))
+    long = report.fig1(stretched).axes[0]
+    assert long.get_xlabel() == "iter. (1e4)"
+    assert max(l.get_xdata().max() for l in long.lines if len(l.get_xdata())) == pytest.approx(longest * 1000 / 1e4)
 
 
 def test_figures_decode_as_images(runs, tmp_path):
