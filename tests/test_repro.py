@@ -51,7 +51,7 @@ def set_params(project: Path, md5: str, grid: list[str], quick: list[str] = QUIC
     params["data"]["md5"] = md5
     params["train"].update(TINY, **train)
     params["grid"] = grid
-    params["quick"] = {"grid": quick, "train": {"iterations": 12, "milestones": [6, 9], "log_every": 3,
+    params["quick"] = {"grid": quick, "train": {"iterations": 12, "milestones": [6, 9], "lr_ramp": 2, "log_every": 3,
                                                 "eval_every": 6, "eval_subset": 20, "checkpoint_every": 3}}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = yaml.safe_load((project / "dvc.yaml").read_text())
@@ -155,14 +155,17 @@ def test_quick_profile_keeps_its_runs_and_report_apart(grid_project):
     for name in QUICK:
         metrics = json.loads((project / "results" / "quick" / name / "metrics.json").read_text())
         assert metrics["iterations"] == 12 and metrics["config"]["milestones"] == [6, 9]
+        paper_run = json.loads((project / "results" / name / "metrics.json").read_text())
+        assert metrics["config"]["lr_ramp"] == 2 and paper_run["config"]["lr_ramp"] == 0  # quick.train's, not train's
         history = pd.read_csv(project / "results" / "quick" / name / "history.csv")
         assert history["test_error"].notna().tolist() == [False, True, False, True]
         # the paper's run of the same name is untouched
-        assert json.loads((project / "results" / name / "metrics.json").read_text())["iterations"] == 20
+        assert paper_run["iterations"] == 20
     for f in ("report.ipynb", "table6.csv", "table6.md", "table6.json", "fig1.png", "fig6.png", "fig7.png", "verdicts.md"):
         assert (project / "reports" / "quick" / f).is_file(), f
     quick_md = (project / "reports" / "quick" / "table6.md").read_text()
     assert "Quick look, not the paper's protocol: 12 iterations" in quick_md and "first 20 test images" in quick_md
+    assert "linear ramp over the first 2 iterations" in quick_md
     assert "2 runs on 320 training and 80 test images" in quick_md
     quick_table = pd.read_csv(project / "reports" / "quick" / "table6.csv")
     assert sorted(quick_table.dropna(subset=["iterations"]).iterations.unique()) == [12]
