@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     where = ("as one Slurm job array" if args.executor == "slurm" else
              f"{len(pins)} at a time: " + "; ".join(_pins(env) for env in pins))
     view.say(f"{len(stages)} runs of profile {args.profile}: {len(stages) - len(todo)} up to date, "
-             f"{len(todo)} to train ({where})")
+             f"{len(todo)} to train" + (f" ({where})" if todo else ""))
     try:
         if args.executor == "slurm" and tasks:
             from . import slurm
