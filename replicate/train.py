@@ -71,10 +71,9 @@ class Config:
         for name in ("iterations", "batch_size", "log_every", "eval_every", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if int(self.lr_ramp) < 0:
-            raise ValueError(f"lr_ramp must be 0 (no ramp, the paper's) or a positive count of iterations, got {self.lr_ramp!r}")
-        if int(self.eval_subset) < 0:
-            raise ValueError(f"eval_subset must be 0 (the whole test set) or a positive count, got {self.eval_subset!r}")
+        for name, zero in (("lr_ramp", "no ramp, the paper's"), ("eval_subset", "the whole test set")):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be 0 ({zero}) or a positive count, got {getattr(self, name)!r}")
         if self.milestones != sorted(self.milestones) or any(m < 1 for m in self.milestones):
             raise ValueError(f"milestones must be increasing positive iterations, got {self.milestones}")
         if self.lr <= 0 or self.warmup_lr <= 0:
