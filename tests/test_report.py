@@ -197,7 +197,7 @@ def test_one_colour_per_depth_in_every_figure(runs):
 
 
 def test_iterations_axis_is_in_1e4_as_the_papers_for_long_runs_and_plain_for_short_ones(runs):
-    """The fixture's runs are tens of iterations, like the quick look's 800: plain counts. The same
+    """The fixture's runs are tens of iterations, like the quick look's 720: plain counts. The same
     runs stretched to the paper's length are drawn in units of 1e4."""
     longest = runs.history.iteration.max()
     short = report.fig1(runs).axes[0]
