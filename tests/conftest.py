@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from replicate import data as cifar
+from replicate import train as engine
 
 ROOT = Path(__file__).resolve().parents[1]
 # fixtures/report.ipynb holds the report notebook's expected outputs on fixtures/runs;
@@ -43,3 +44,21 @@ def cifar_root(tmp_path_factory, small_dataset) -> Path:
 def cifar_tarball(tmp_path_factory, small_dataset) -> Path:
     """The small dataset packed like the official tarball."""
     return make_tarball(tmp_path_factory.mktemp("tarball") / cifar.TARBALL, small_dataset)
+
+
+class Interrupted(Exception):
+    """What kills a run in `train_until_first_checkpoint`."""
+
+
+def train_until_first_checkpoint(cfg: "engine.Config", out_dir: Path, dataset: cifar.Cifar10) -> None:
+    """Train `cfg` into `out_dir` and stop it right after its first checkpoint, as a kill would:
+    the folder holds checkpoint.pt alone."""
+    real_save = engine.save
+
+    def save_then_die(*args):
+        real_save(*args)
+        raise Interrupted
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "save", save_then_die)
+        with pytest.raises(Interrupted):
+            engine.train(cfg, out_dir=out_dir, dataset=dataset, progress=False)

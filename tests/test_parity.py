@@ -355,18 +355,3 @@ def test_update_check_catches_a_missing_weight_decay(small_dataset):
     engine, plain, start, _ = engine_and_plain_steps(small_dataset, torch.channels_last, decay_bn=False)
     errors = update_errors(engine, plain, start)
     assert errors["bn1.weight"] > 1e-3 and max(errors.values()) > 1e-2  # measured 3e-2
-
-
-# --- the engine's settings --------------------------------------------------------------------------
-
-def test_compile_only_where_it_pays():
-    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
-    long_run = train.CPU_COMPILE_MIN_ITERATIONS
-    assert not train.compile_pays("auto", cpu, long_run - 1)
-    assert train.compile_pays("auto", cpu, long_run)
-    assert train.compile_pays("auto", cuda, 10)
-    assert not train.compile_pays("auto", mps, 64_000)
-    assert train.compile_pays(True, cpu, 1) and not train.compile_pays(False, cuda, 64_000)
-    assert train.Config().compile == "auto"
-    with pytest.raises(ValueError, match="compile"):
-        train.Config(compile="sometimes")

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from replicate import checkpoint
 from replicate import train as engine
 from replicate.train import Config, train
 
@@ -121,6 +122,8 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, small_dat
         train(tiny(iterations=20, log_every=5), dataset=small_dataset, out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="other settings.*'lr_ramp': \\(0, 5\\)"):
         train(tiny(iterations=20, lr_ramp=5), dataset=small_dataset, out_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="other settings.*'bn_batch_size': \\(None, 16\\)"):
+        train(tiny(iterations=20, bn_batch_size=16), dataset=small_dataset, out_dir=tmp_path, progress=False)
 
 
 def test_a_checkpoint_from_before_lr_ramp_existed_resumes_as_no_ramp(tmp_path, small_dataset):
@@ -160,14 +163,14 @@ def test_missing_data_root_is_reported_by_train(tmp_path):
 
 def test_save_atomic_never_leaves_half_a_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    engine.save_atomic({"iteration": 1}, path)
+    checkpoint.save_atomic({"iteration": 1}, path)
 
     def crash(obj, f):
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt
-    monkeypatch.setattr(engine.torch, "save", crash)
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        engine.save_atomic({"iteration": 2}, path)
+        checkpoint.save_atomic({"iteration": 2}, path)
     monkeypatch.undo()
     assert torch.load(path) == {"iteration": 1}
 
@@ -180,18 +183,6 @@ def test_cli_trains_from_params_file(tmp_path, cifar_root, capsys):
                  "--arch", "plain", "--depth", "8"])
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (m["arch"], m["depth"], m["iterations"], m["config"]["milestones"]) == ("plain", 8, 20, [10])
-
-
-@pytest.mark.parametrize("flags, native", [("fpu sse2 avx512f avx512_bf16", True), ("fpu avx2 amx_bf16 amx_tile", True),
-                                           ("fpu sse2 avx2 avx512f", False)])
-def test_cpu_bf16_only_where_it_is_native(monkeypatch, flags, native):
-    """bf16 autocast pays only on CPUs with AVX512-BF16 or AMX; elsewhere oneDNN emulates it and it
-    is slower than fp32, so those runs stay fp32."""
-    real_read = engine.Path.read_text
-    monkeypatch.setattr(engine.Path, "read_text",
-                        lambda self, *a, **k: f"flags\t\t: {flags}\n" if str(self) == "/proc/cpuinfo" else real_read(self, *a, **k))
-    assert engine.native_bf16(torch.device("cpu")) is native
-    assert engine.native_bf16(torch.device("meta")) is False
 
 
 def test_bf16_steps_keep_weights_and_bn_statistics_in_fp32(small_dataset, monkeypatch):

@@ -1,0 +1,101 @@
+"""Where a run trains, and the process-wide switches it sets there: the device, bf16 or TF32 or
+strict fp32, cuDNN's algorithm choice and determinism, and whether torch.compile pays.
+
+Every branch on `device.type == "cuda"` lives here or says why it does not, and each has a CPU
+test that fakes what CUDA would report (tests/test_device.py).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' takes cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes in bf16 natively, so that autocast pays.
+
+    CUDA: compute capability 8.0 and up (Ampere, Hopper: bf16 tensor cores).
+    `torch.cuda.is_bf16_supported()` is not asked: it also says yes where bf16 is emulated (V100,
+    T4), and there autocast is slower than fp32. CPU: AVX512-BF16 or AMX, the ISAs oneDNN's bf16
+    convolutions use; elsewhere it emulates bf16 and is slower than fp32 (2x faster on our
+    AVX512-BF16 CPU: docs/speed.md).
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no cheap way to tell, so stay fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def precision(device: torch.device, bf16: bool, tf32: bool) -> str:
+    """What the convolutions compute in: 'bf16' (autocast on), 'tf32' (CUDA with tf32 allowed) or 'fp32'."""
+    if bf16:
+        return "bf16"
+    return "tf32" if device.type == "cuda" and tf32 else "fp32"
+
+
+def set_backends(device: torch.device, *, tf32: bool, deterministic: bool) -> None:
+    """The process-wide switches of one run (one run per process: a DVC stage, a Slurm task).
+
+    Set explicitly every time, so that a notebook or a test running several runs in one process
+    never inherits the last run's. `deterministic` makes a CUDA run repeat bit for bit, and so its
+    resume exact: cuDNN's deterministic kernels, no benchmark (which picks algorithms by timing,
+    differently in each process) and torch's deterministic algorithms. Without it, cuDNN benchmarks
+    its kernels (fixed shapes: the fastest once). `tf32`, on CUDA only, lets convolutions and
+    matmuls outside bf16 autocast use TF32; cuDNN does by default, so it is set either way and
+    `precision` says which.
+    """
+    torch.use_deterministic_algorithms(deterministic)
+    if device.type != "cuda":
+        return
+    if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; read when its handle is made, which
+        # is later, at the run's first matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+# Fewest iterations for which torch.compile pays, per device type. CPU: the compile (20-47 s with an
+# empty cache) is paid back after 1,700-2,600 steps on our 2-core CPU (docs/speed.md, "What the
+# engine does"); 5,000 leaves a margin. CUDA: unmeasured (no GPU has been lent yet). A compile
+# costs tens of seconds and saves a few ms per step of these small nets, so it cannot pay in the
+# quick look's 720 iterations; 10,000 is a guess to be replaced by scripts/gpu_check.py's
+# break-even. A paper-length run (64k) compiles on both.
+COMPILE_MIN_ITERATIONS = {"cpu": 5_000, "cuda": 10_000}
+
+
+def compile_pays(setting: bool | str, device: torch.device, iterations: int) -> bool:
+    """Whether to torch.compile the training step: `setting` True or False decides; "auto"
+    compiles runs of at least COMPILE_MIN_ITERATIONS[device type] iterations (never on MPS)."""
+    if setting != "auto":
+        return bool(setting)
+    threshold = COMPILE_MIN_ITERATIONS.get(device.type)
+    return threshold is not None and iterations >= threshold
