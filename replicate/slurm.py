@@ -1,6 +1,6 @@
 """The train stages as one Slurm job array, through submitit (`make repro EXECUTOR=slurm`).
 
-Each array task runs one stage's command on a node (grid.run_task). When Slurm preempts a task,
+Each array task runs one stage's command on a node (tasks.run_task). When Slurm preempts a task,
 or its time limit nears, it sends USR2 `signal_delay_s` early; submitit then asks Stage.checkpoint
 for what to run next and requeues the task, which runs the same command again: DVC and the trainer
 resume from the run's checkpoint.pt (a persisted DVC output, written atomically every
@@ -17,12 +17,10 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
 import submitit
 
-if TYPE_CHECKING:
-    from .grid import Task, View
+from .tasks import Task, View, run_task
 
 # Keys of params.yaml's `slurm` section -> submitit's AutoExecutor parameters. A key left out or
 # null (and gpus_per_task 0) is left to Slurm's defaults, but submitit's time limit is 5 minutes.
@@ -44,11 +42,11 @@ FAILED = "exited with code"  # Stage's error message; run() reads the code back 
 class Stage(submitit.helpers.Checkpointable):
     """One array task: a stage's command, run again from the start each time Slurm requeues it."""
 
-    def __init__(self, task: Task, root: Path, run_task: Callable[[Task, Path], int]) -> None:
-        self.task, self.root, self.run_task = task, root, run_task
+    def __init__(self, task: Task, root: Path) -> None:
+        self.task, self.root = task, root
 
     def __call__(self) -> int:
-        code = self.run_task(self.task, self.root)
+        code = run_task(self.task, self.root)
         if code != 0:  # raise, so that Slurm and submitit show the task as failed
             raise RuntimeError(f"{self.task.stage} {FAILED} {code}")
         return code
@@ -82,14 +80,13 @@ def run(tasks: list[Task], root: Path, options: dict, view: View) -> dict[str, i
     """
     if not tasks:
         return {}
-    from .grid import run_task  # lazily: grid imports this module
-
     threads = options.get("cpus_per_task")
-    for task in tasks:  # torch would take every core of the node, however many the task was given
-        task.env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
+    for task in tasks:  # torch (and Inductor's compile pool) would take every core of the node
+        task.env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")
+                    } if threads else {}
     ex = executor(root, options)
     with ex.batch():
-        jobs = [ex.submit(Stage(task, Path(root), run_task)) for task in tasks]
+        jobs = [ex.submit(Stage(task, Path(root))) for task in tasks]
     array = jobs[0].job_id.split("_")[0]
     print(f"slurm: submitted job array {array} ({len(jobs)} tasks)", flush=True)
     try:

@@ -1,5 +1,5 @@
-"""replicate.grid without DVC: the worker slots and their pins, the progress view, and local runs
-side by side with failures (tests/test_repro.py runs the real grid end to end)."""
+"""The grid without DVC: the worker slots and their pins (GPUs faked), the progress view, and local
+runs side by side with failures (tests/test_repro.py runs the real grid end to end)."""
 
 import io
 import json
@@ -10,48 +10,100 @@ from pathlib import Path
 
 import pytest
 import submitit
+import torch
 
-from replicate import grid, slurm
+from replicate import grid, local, slurm
+from replicate.tasks import Task, View, outcome, progress, run_task
 
 
 def test_auto_on_cuda_is_slots_per_gpu_round_robin():
-    pins = grid.slots("auto", n_runs=14, gpus=2, cores=16, memory_gb=100)
-    assert len(pins) == grid.SLOTS_PER_GPU * 2
-    assert [p["CUDA_VISIBLE_DEVICES"] for p in pins] == ["0", "1"] * grid.SLOTS_PER_GPU
-    assert all(p["OMP_NUM_THREADS"] == str(16 // len(pins)) for p in pins)
+    pins = local.slots("auto", n_runs=14, gpus=["0", "1"], cores=16, memory_gb=100)
+    assert len(pins) == local.SLOTS_PER_GPU * 2
+    assert [p["CUDA_VISIBLE_DEVICES"] for p in pins] == ["0", "1"] * local.SLOTS_PER_GPU
+    assert all(p["OMP_NUM_THREADS"] == p["TORCHINDUCTOR_COMPILE_THREADS"] == str(16 // len(pins)) for p in pins)
+
+
+def test_slots_go_to_the_users_own_gpus_as_written(monkeypatch):
+    """Under CUDA_VISIBLE_DEVICES=2,3 (a shared server, an salloc) the runs went to GPUs 0 and 1,
+    someone else's; UUIDs and MIG instances became "0"."""
+    monkeypatch.setattr(local, "cuda_available", lambda: True)
+    for visible, want in [("2,3", ["2", "3"]),
+                          ("GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3b,GPU-0a1b2c3d-0000-1111-2222-333344445555",
+                           ["GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3b", "GPU-0a1b2c3d-0000-1111-2222-333344445555"]),
+                          ("MIG-c7384736-a75d-5afc-978f-d2f1294409fd, MIG-a28ad590-3fda-56dd-84fc-0a0b96edc58d",
+                           ["MIG-c7384736-a75d-5afc-978f-d2f1294409fd", "MIG-a28ad590-3fda-56dd-84fc-0a0b96edc58d"]),
+                          ("1,-1,0", ["1"]),  # CUDA ignores everything from an invalid entry on
+                          ("", [])]:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert local.visible_gpus() == want, visible
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    pins = local.slots("auto", 14, cores=16, memory_gb=100)
+    assert [p["CUDA_VISIBLE_DEVICES"] for p in pins] == ["2", "3"] * local.SLOTS_PER_GPU
+    monkeypatch.setattr(local, "cuda_available", lambda: False)
+    assert local.visible_gpus() == [] and all("CUDA_VISIBLE_DEVICES" not in p for p in local.slots("auto", 2))
+
+
+SMI = """GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3b)
+  MIG 3g.20gb     Device  0: (UUID: MIG-c7384736-a75d-5afc-978f-d2f1294409fd)
+  MIG 3g.20gb     Device  1: (UUID: MIG-a28ad590-3fda-56dd-84fc-0a0b96edc58d)
+GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-0a1b2c3d-0000-1111-2222-333344445555)
+"""
+
+
+def test_without_cuda_visible_devices_every_mig_instance_is_a_gpu(monkeypatch):
+    """A process sees one MIG instance only, so torch's device count would put every slot on one
+    slice: nvidia-smi -L lists them all."""
+    monkeypatch.setattr(local, "cuda_available", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpus = local.visible_gpus(smi=SMI)
+    assert gpus == ["MIG-c7384736-a75d-5afc-978f-d2f1294409fd", "MIG-a28ad590-3fda-56dd-84fc-0a0b96edc58d", "1"]
+    pins = local.slots("auto", 14, gpus=gpus, cores=12, memory_gb=100)
+    assert [p["CUDA_VISIBLE_DEVICES"] for p in pins] == gpus * 4
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert local.visible_gpus(smi="") == ["0", "1"]  # no nvidia-smi: torch's count
+
+
+def test_cuda_slots_are_capped_by_the_cores_that_launch_their_kernels():
+    """8 GPUs on 16 cores: 4 per GPU was 32 processes, 2 per core, each with a 32-process compile pool."""
+    pins = local.slots("auto", 64, gpus=[str(i) for i in range(8)], cores=16, memory_gb=500)
+    assert len(pins) == 16
+    assert [p["CUDA_VISIBLE_DEVICES"] for p in pins] == [str(i) for i in range(8)] * 2  # even over the GPUs
+    assert all(p["OMP_NUM_THREADS"] == p["TORCHINDUCTOR_COMPILE_THREADS"] == "1" for p in pins)
+    assert len(local.slots("auto", 64, gpus=[str(i) for i in range(8)], cores=4, memory_gb=500)) == 8  # one per GPU at least
+    assert len(local.slots(24, 64, gpus=["0"], cores=4, memory_gb=500)) == 24  # JOBS=24 is the user's call
 
 
 def test_auto_on_cpu_splits_the_cores_within_memory():
-    assert [p["OMP_NUM_THREADS"] for p in grid.slots("auto", 14, gpus=0, cores=2, memory_gb=20)] == ["1", "1"]
-    pins = grid.slots("auto", 14, gpus=0, cores=16, memory_gb=20)  # memory allows 6 workers
+    assert [p["OMP_NUM_THREADS"] for p in local.slots("auto", 14, gpus=[], cores=2, memory_gb=20)] == ["1", "1"]
+    pins = local.slots("auto", 14, gpus=[], cores=16, memory_gb=20)  # memory allows 6 workers
     assert len(pins) == 6 and all(p["OMP_NUM_THREADS"] == "2" for p in pins)
     assert all("CUDA_VISIBLE_DEVICES" not in p for p in pins)
-    assert len(grid.slots("auto", 14, gpus=0, cores=2, memory_gb=1)) == 1  # never none
+    assert len(local.slots("auto", 14, gpus=[], cores=2, memory_gb=1)) == 1  # never none
 
 
 def test_explicit_jobs_are_capped_by_the_runs_and_checked():
-    assert len(grid.slots(3, 14, gpus=0, cores=2, memory_gb=64)) == 3
-    assert len(grid.slots("8", 2, gpus=1, cores=2, memory_gb=64)) == 2
-    assert [p["OMP_NUM_THREADS"] for p in grid.slots(1, 5, gpus=0, cores=4, memory_gb=64)] == ["4"]
+    assert len(local.slots(3, 14, gpus=[], cores=2, memory_gb=64)) == 3
+    assert len(local.slots("8", 2, gpus=["0"], cores=2, memory_gb=64)) == 2
+    assert [p["OMP_NUM_THREADS"] for p in local.slots(1, 5, gpus=[], cores=4, memory_gb=64)] == ["4"]
     # the last run left keeps the threads it had among others: exact resume needs the same count
-    assert [p["OMP_NUM_THREADS"] for p in grid.slots(2, 1, gpus=0, cores=2, memory_gb=64)] == ["1"]
-    assert [p["OMP_NUM_THREADS"] for p in grid.slots("auto", 1, gpus=0, cores=2, memory_gb=64)] == ["1"]
+    assert [p["OMP_NUM_THREADS"] for p in local.slots(2, 1, gpus=[], cores=2, memory_gb=64)] == ["1"]
+    assert [p["OMP_NUM_THREADS"] for p in local.slots("auto", 1, gpus=[], cores=2, memory_gb=64)] == ["1"]
     with pytest.raises(ValueError, match="JOBS must be a positive number or auto"):
-        grid.slots(0, 4, gpus=0, cores=2, memory_gb=64)
+        local.slots(0, 4, gpus=[], cores=2, memory_gb=64)
 
 
 def test_progress_reads_the_last_training_bar_of_a_log(tmp_path):
     log = tmp_path / "train.log"
-    assert grid.progress(log) is None
+    assert progress(log) is None
     log.write_text("=== header\n")
-    assert grid.progress(log) is None
+    assert progress(log) is None
     log.write_bytes(b"resnet-56:  10%|#  | 100/1000 [00:10<01:30]\rresnet-56:  41%|####  | 410/1000 [00:41<00:59, 9.9it/s]")
-    assert grid.progress(log) == pytest.approx(0.41)
+    assert progress(log) == pytest.approx(0.41)
 
 
-def make_tasks(tmp_path, scripts: dict[str, str]) -> list[grid.Task]:
+def make_tasks(tmp_path, scripts: dict[str, str]) -> list[Task]:
     """Tasks whose command is a small Python script instead of `dvc repro` (Task.argv overridden)."""
-    class ScriptTask(grid.Task):
+    class ScriptTask(Task):
         @property
         def argv(self):
             return [sys.executable, "-c", scripts[self.run]]
@@ -74,8 +126,8 @@ def test_local_runs_go_side_by_side_with_their_pins_and_a_failure_stops_nothing(
     tasks = make_tasks(tmp_path, scripts)
     pins = [{"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "0"}, {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "1"}]
     out = io.StringIO()
-    view = grid.View(tasks, every=0, stream=out)
-    codes = grid.run_local(tasks, tmp_path, view, pins, poll=0.05)
+    view = View(tasks, every=0, stream=out)
+    codes = local.run_local(tasks, tmp_path, view, pins, poll=0.05)
     assert codes == {"resnet-56-0": 0, "plain-56-0": 3, "resnet-20-0": 0, "plain-20-0": 0}
     records = {t.run: json.loads(next(line for line in t.log.read_text().splitlines() if line.startswith('{"start"')))
                for t in tasks}
@@ -93,15 +145,15 @@ def test_local_runs_go_side_by_side_with_their_pins_and_a_failure_stops_nothing(
 
 def test_a_rerun_appends_to_the_log_of_the_attempt_before(tmp_path):
     task = make_tasks(tmp_path, {"plain-20-0": "print('attempt')"})[0]
-    assert grid.run_task(task, tmp_path) == 0
-    assert grid.run_task(task, tmp_path) == 0
+    assert run_task(task, tmp_path) == 0
+    assert run_task(task, tmp_path) == 0
     lines = task.log.read_text().splitlines()
     assert lines.count("attempt") == 2 and sum(line.startswith("=== ") for line in lines) == 2
 
 
 def test_view_gives_an_eta_from_the_work_done(tmp_path):
     tasks = make_tasks(tmp_path, {"plain-56-0": "", "plain-20-0": ""})
-    view = grid.View(tasks, already_done=1, every=0, stream=io.StringIO())
+    view = View(tasks, already_done=1, every=0, stream=io.StringIO())
     view.start -= 100  # 100 s ago
     view.set("plain-56-0", "running")
     assert view.eta(100) is None  # nothing measured yet
@@ -116,10 +168,10 @@ def test_outcome_says_a_diverged_run_is_a_result(tmp_path):
     task = make_tasks(tmp_path, {"plain-110-0": ""})[0]
     task.log.parent.mkdir()
     (task.log.parent / "metrics.json").write_text(json.dumps({"diverged": True, "diverged_at": 1234}))
-    assert grid.outcome(task, 0) == "diverged at iteration 1234 (recorded: a result, not a failure)"
-    assert grid.outcome(task, 1) == "exit 1"
+    assert outcome(task, 0) == "diverged at iteration 1234 (recorded: a result, not a failure)"
+    assert outcome(task, 1) == "exit 1"
     (task.log.parent / "metrics.json").write_text(json.dumps({"diverged": False, "train_error": 1.5, "test_error": 7.25}))
-    assert grid.outcome(task, 0) == "train error 1.50%, test error 7.25%"
+    assert outcome(task, 0) == "train error 1.50%, test error 7.25%"
 
 
 def test_slurm_overrides_parse_as_yaml():
@@ -143,7 +195,7 @@ def test_a_run_ignores_slurms_usr2_warning(tmp_path):
     The run itself must not die of it (USR2's default action kills a process)."""
     script = "import os, signal; os.kill(os.getpid(), signal.SIGUSR2); print('survived')"
     task = make_tasks(tmp_path, {"plain-20-0": script})[0]
-    assert grid.run_task(task, tmp_path) == 0
+    assert run_task(task, tmp_path) == 0
     assert "survived" in task.log.read_text()
 
 
@@ -153,7 +205,7 @@ def test_stages_report_their_exit_codes_through_submitit(tmp_path):
     tasks = make_tasks(tmp_path, {"plain-20-0": "print('ok')", "plain-56-0": "import sys; sys.exit(3)"})
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
     executor.update_parameters(timeout_min=5)
-    jobs = [executor.submit(slurm.Stage(task, tmp_path, grid.run_task)) for task in tasks]
+    jobs = [executor.submit(slurm.Stage(task, tmp_path)) for task in tasks]
     assert [slurm._exit_code(job) for job in jobs] == [0, 3]
     assert "ok" in tasks[0].log.read_text()
 

@@ -27,7 +27,8 @@ from conftest import make_tarball
 from test_repro import ENV, copy_project, set_params
 
 from replicate import data as cifar
-from replicate import grid, pipeline, slurm
+from replicate import pipeline, slurm
+from replicate.tasks import Task, View
 
 pytestmark = pytest.mark.slurm
 
@@ -57,8 +58,8 @@ COMMAND = textwrap.dedent("""
 
 
 @dataclass
-class CommandTask(grid.Task):
-    """A grid.Task whose command is ours, not its DVC stage's."""
+class CommandTask(Task):
+    """A tasks.Task whose command is ours, not its DVC stage's."""
 
     command: list[str] = field(default_factory=list)
 
@@ -67,7 +68,7 @@ class CommandTask(grid.Task):
         return self.command
 
 
-class RecordingView(grid.View):
+class RecordingView(View):
     """The grid's view, keeping every set() for the test to read."""
 
     def __init__(self, tasks):

@@ -1,0 +1,199 @@
+"""The local grid: k worker slots on this machine, each pinned to its GPU or its share of the
+cores, running the grid's tasks side by side (`make repro JOBS=...`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from .tasks import Task, View, cost, outcome, start
+
+# Local slots per GPU for JOBS=auto: a guess, not a measurement (no GPU has been lent yet;
+# scripts/gpu_check.py measures k processes on one GPU). ResNet-20..110 at batch 128 leave most
+# of a large GPU idle.
+SLOTS_PER_GPU = 4
+# CPU cores each CUDA worker needs: its Python thread launches the kernels of a small net, and a
+# launch-bound process that shares a core with another runs at half speed.
+CORES_PER_CUDA_WORKER = 1
+# Torch threads per CPU worker for JOBS=auto: 2 workers of 1 thread beat 1 of 2 threads on our
+# 2-core CPU (docs/speed.md, "The grid on a CPU").
+THREADS_PER_CPU_WORKER = 1
+GB_PER_WORKER = 3  # a worker holds the padded training set (1 GB in float32), the net and a kernel
+
+
+def slots(jobs: str | int, n_runs: int, gpus: list[str] | None = None, cores: int | None = None,
+          memory_gb: float | None = None) -> list[dict[str, str]]:
+    """The environment of each worker slot; their number is how many runs train at once.
+
+    `gpus` are CUDA_VISIBLE_DEVICES entries (visible_gpus()): indices, GPU UUIDs or MIG instances.
+    CUDA: JOBS=auto is SLOTS_PER_GPU per GPU, fewer where the cores cannot feed them
+    (CORES_PER_CUDA_WORKER each), the same number on every GPU; slot i sees gpus[i mod GPUs] only.
+    CPU: auto is one worker per THREADS_PER_CPU_WORKER cores, at most one per GB_PER_WORKER GB of
+    memory. Every worker gets its share of the cores as torch threads (OMP_NUM_THREADS) and as
+    Inductor's compile pool (up to 32 processes each otherwise), which also keeps OpenMP threads of
+    different workers from spin-waiting on each other's cores. The share comes from JOBS, not from
+    how many runs are left: a CPU run resumed by a rerun with fewer runs to go must keep its thread
+    count, or it does not end bitwise identical to an uninterrupted one.
+    """
+    gpus = visible_gpus() if gpus is None else gpus
+    cores = cpu_count() if cores is None else cores
+    memory_gb = available_gb() if memory_gb is None else memory_gb
+    k = parse_jobs(jobs)
+    if k is None and gpus:
+        k = len(gpus) * max(1, min(SLOTS_PER_GPU, cores // (len(gpus) * CORES_PER_CUDA_WORKER)))
+    elif k is None:
+        k = min(cores // THREADS_PER_CPU_WORKER, int(memory_gb // GB_PER_WORKER))
+    k = max(1, k)
+    threads = str(max(1, cores // k))
+    pins = []
+    for i in range(min(k, n_runs)):
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TORCHINDUCTOR_COMPILE_THREADS": threads}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        pins.append(env)
+    return pins
+
+
+def parse_jobs(jobs: str | int) -> int | None:
+    """JOBS as a count of slots, or None for auto; anything else is refused."""
+    if jobs == "auto":
+        return None
+    try:
+        k = int(jobs)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1:
+        raise ValueError(f"JOBS must be a positive number or auto, got {jobs!r}")
+    return k
+
+
+def visible_gpus(env: dict[str, str] | None = None, smi: str | None = None) -> list[str]:
+    """The GPUs this process may give out, each as a CUDA_VISIBLE_DEVICES entry; [] without CUDA.
+
+    The user's own CUDA_VISIBLE_DEVICES wins (a shared server, an `salloc`): its entries are kept
+    as written, indices, GPU-UUIDs or MIG-UUIDs alike, up to the first one CUDA would stop at (an
+    empty or negative entry). Without it, every GPU `nvidia-smi -L` lists (`smi`: its output), a
+    GPU split into MIG instances counting as its instances: a CUDA process sees one MIG instance
+    only, so torch.cuda.device_count() would count one where there are several.
+    """
+    env = os.environ if env is None else env
+    if not cuda_available():
+        return []
+    if "CUDA_VISIBLE_DEVICES" in env:
+        entries = []
+        for entry in (e.strip() for e in env["CUDA_VISIBLE_DEVICES"].split(",")):
+            if not entry or entry.startswith("-"):
+                break
+            entries.append(entry)
+        return entries
+    listed = _smi_gpus(nvidia_smi() if smi is None else smi)
+    if listed:
+        return listed
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _smi_gpus(text: str) -> list[str]:
+    """GPU indices from `nvidia-smi -L`, each GPU with MIG instances replaced by their UUIDs."""
+    gpus: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if m := re.match(r"\s*GPU (\d+):", line):
+            gpus.append((m[1], []))
+        elif (m := re.search(r"\(UUID: (MIG-[^)\s]+)\)", line)) and gpus:
+            gpus[-1][1].append(m[1])
+    return [entry for index, migs in gpus for entry in (migs or [index])]
+
+
+def nvidia_smi() -> str:
+    try:
+        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def available_gb() -> float:
+    return psutil.virtual_memory().available / 2**30
+
+
+def run_local(tasks: list[Task], root: Path, view: View, pins: list[dict[str, str]],
+              poll: float = 1.0) -> dict[str, int | None]:
+    """Run the tasks in order, one per slot of `pins` at a time, each with its slot's pins; a failed
+    run does not stop the others.
+
+    Ctrl-C or SIGTERM stops every run it started, kernels included; checkpoints on disk are the
+    truth, so the next `make repro` resumes them.
+    """
+    free = list(range(len(pins)))
+    # The deepest first: the short runs then fill the slots the long ones leave (4 quick runs on 2
+    # slots: 56, 56 | 20, 20 ends when 56 + 20 are done, 20, 56 | 20, 56 after 56 + 56).
+    queue = sorted(tasks, key=lambda t: -cost(t.run))
+    running: dict[str, tuple[subprocess.Popen, int]] = {}
+    codes: dict[str, int | None] = {}
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        while queue or running:
+            while queue and free:
+                slot, task = free.pop(0), queue.pop(0)
+                task.env = pins[slot]
+                running[task.run] = (start(task, root), slot)
+                view.set(task.run, "running")
+            for run, (proc, slot) in list(running.items()):
+                code = proc.poll()
+                if code is not None:
+                    del running[run]
+                    free.append(slot)
+                    codes[run] = code
+                    view.set(run, "done" if code == 0 else "failed", outcome(view.tasks[run], code))
+            view.tick()
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        view.say(f"interrupted: stopping {len(running)} running run(s); `make repro` again resumes them")
+        for proc, _ in running.values():
+            stop_tree(proc.pid)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return codes
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_tree(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM a process and its descendants (the notebook's kernel runs in its own session, so a
+    terminal's Ctrl-C does not reach it), then SIGKILL what is left after `grace` seconds."""
+    try:
+        parent = psutil.Process(pid)
+        tree = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
