@@ -5,6 +5,7 @@
     python -m replicate.pipeline train --run resnet-56-0 --out results/resnet-56-0
     python -m replicate.pipeline train --profile quick --run plain-56-0 --out results/quick/plain-56-0
     python -m replicate.pipeline report [--profile quick]   # stages `report`, `quick-report`
+    python -m replicate.pipeline report --results DIR --out DIR   # every run below DIR
     python -m replicate.pipeline import-data SOURCE   # re-pin the tarball (a mirror, a local copy)
 
 params.yaml is read once per command, here, and nothing else reads it: `train` holds the paper's
@@ -27,10 +28,11 @@ from pathlib import Path
 import yaml
 
 from . import data as cifar
-from .train import Config
+from .train import NO_EFFECT, Config, type_errors
 
 PARAMS = "params.yaml"
 NOTEBOOK = "notebooks/train.ipynb"
+REPORT_NOTEBOOK = "notebooks/report.ipynb"
 DVC_YAML = "dvc.yaml"
 DATA_PIN = "data.dvc"
 # What stage `check` writes. The train stages depend on it, so they run after the check; it never
@@ -121,11 +123,32 @@ def config(params: dict, run: Run, profile: str = "paper") -> Config:
 def check(params: dict, notebook: str | Path | None = NOTEBOOK, dvc_yaml: str | Path | None = DVC_YAML) -> list[Run]:
     """Validate every run of both profiles at once, so a typo fails before any training starts.
 
-    Raises ValueError naming each bad run. With `notebook`, also checks that the notebook takes
-    every parameter the stage will pass (a renamed parameter would otherwise be ignored). With
-    `dvc_yaml`, that each report stage depends on exactly its profile's runs (DVC cannot derive
-    a stage's deps from a list in params.yaml, so dvc.yaml spells them out). Returns the paper's runs.
+    Raises ValueError naming each bad value once (`train.lr must be a number, got '0.1x'`), then
+    each bad run. With `notebook`, also checks that the notebook takes every parameter the stage
+    will pass (a renamed parameter would otherwise be ignored). With `dvc_yaml`, that each report
+    stage depends on exactly its profile's runs, and each stage declares exactly the params it
+    reads (DVC cannot derive either from params.yaml, so dvc.yaml spells them out). Returns the
+    paper's runs.
     """
+    problems = [f"  {where} {e}" for where, e in section_type_errors(params)]
+    if not problems:  # a wrong type is named once, not once per run
+        problems = run_problems(params)
+    if problems:
+        raise ValueError("params.yaml: invalid value(s) or run(s), nothing was trained:\n" + "\n".join(problems))
+    if notebook is not None:
+        import papermill
+
+        expected = set(notebook_parameters(params, runs(params)[0], "data", "out"))
+        missing = sorted(expected - set(papermill.inspect_notebook(str(notebook))))
+        if missing:
+            raise ValueError(f"{notebook} has no parameter(s) {missing} in its `parameters` cell")
+    if dvc_yaml is not None:
+        check_dvc_yaml(params, dvc_yaml)
+    return runs(params)
+
+
+def run_problems(params: dict) -> list[str]:
+    """One line per run of either profile that is not a valid Config."""
     problems = []
     for name, profile in PROFILES.items():
         try:
@@ -136,30 +159,80 @@ def check(params: dict, notebook: str | Path | None = NOTEBOOK, dvc_yaml: str | 
                     problems.append(f"  {profile.stage}@{run.name}: {e}")
         except ValueError as e:
             problems.append(f"  {e}")
-    if problems:
-        raise ValueError("params.yaml: invalid run(s), nothing was trained:\n" + "\n".join(problems))
-    if notebook is not None:
-        import papermill
+    return problems
 
-        expected = set(notebook_parameters(params, runs(params)[0], "data", "out"))
-        missing = sorted(expected - set(papermill.inspect_notebook(str(notebook))))
-        if missing:
-            raise ValueError(f"{notebook} has no parameter(s) {missing} in its `parameters` cell")
-    if dvc_yaml is not None:
-        stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
-        for name, profile in PROFILES.items():
-            want = [f"{profile.results}/{run.name}/metrics.json" for run in runs(params, name)]
-            have = [d for d in stages[profile.report_stage].get("deps", []) if d.endswith("/metrics.json")]
-            if sorted(have) != sorted(want):
-                lines = [f"  add    - {d}" for d in want if d not in have] + [f"  remove - {d}" for d in have if d not in want]
-                raise ValueError(f"{dvc_yaml}: stage {profile.report_stage} must depend on every run of its "
-                                 f"profile, and on nothing else. Edit its deps:\n" + "\n".join(lines))
-    return runs(params)
+
+def section_type_errors(params: dict) -> list[tuple[str, str]]:
+    """(params.yaml key, problem) for every protocol value of the wrong type, each named once."""
+    quick = params["quick"].get("train") or {}
+    found = [(f"train.{k}", p) for k, p in type_errors(params["train"])]
+    return found + [(f"quick.train.{k}", p) for k, p in type_errors(quick)]
+
+
+def stage_params(params: dict, stage: str) -> list[str]:
+    """The params.yaml keys a DVC stage reads that can change its outputs. dvc.yaml declares exactly
+    these, so a change reruns the stages it affects and no other: `checkpoint_every` (NO_EFFECT)
+    reruns nothing, since resume is exact."""
+    quick = params["quick"].get("train") or {}
+
+    def keys(section: str, names) -> list[str]:
+        return [f"{section}.{k}" for k in names if k not in NO_EFFECT]
+    if stage == "train":
+        return keys("train", params["train"])
+    if stage == "quick":
+        return keys("train", [k for k in params["train"] if k not in quick]) + keys("quick.train", quick)
+    if stage == "check":
+        return ["grid", "quick.grid"]
+    if stage == "report":
+        return ["grid", "data.name", "data.md5"]
+    if stage == "quick-report":  # the runs, and what the caption says of them
+        shown = ("iterations", "milestones", "lr", "lr_ramp", "eval_subset")
+        return (["quick.grid", "data.name", "data.md5"]
+                + [f"quick.train.{k}" if k in quick else f"train.{k}" for k in shown])
+    raise ValueError(f"no stage {stage!r} in dvc.yaml")
+
+
+def check_dvc_yaml(params: dict, dvc_yaml: str | Path) -> None:
+    """Each report stage depends on exactly its profile's runs; each stage declares exactly the
+    params it reads (stage_params). Says which lines to add or remove."""
+    stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+
+    def differ(what: str, stage: str, have: list, want: list) -> None:
+        if sorted(have) != sorted(want):
+            lines = [f"  add    - {d}" for d in want if d not in have] + [f"  remove - {d}" for d in have if d not in want]
+            raise ValueError(f"{dvc_yaml}: stage {stage} must {what}. Edit its lines:\n" + "\n".join(lines))
+    for name, profile in PROFILES.items():
+        want = [f"{profile.results}/{run.name}/metrics.json" for run in runs(params, name)]
+        have = [d for d in stages[profile.report_stage].get("deps", []) if d.endswith("/metrics.json")]
+        differ("depend on every run of its profile, and on nothing else", profile.report_stage, have, want)
+    for stage in ("check", "train", "quick", "report", "quick-report"):
+        spec = stages[stage].get("do", stages[stage])
+        differ("declare exactly the params it reads (pipeline.stage_params)", stage,
+               spec.get("params", []), stage_params(params, stage))
 
 
 def notebook_parameters(params: dict, run: Run, data_root: str, out_dir: str, profile: str = "paper") -> dict:
-    """What papermill injects into notebooks/train.ipynb for one run: the protocol and paths."""
-    return {**dataclasses.asdict(run), **train_params(params, profile), "data_root": data_root, "out_dir": out_dir}
+    """What papermill injects into notebooks/train.ipynb for one run: the run, its paths, and its
+    profile's protocol as one dict (the notebook restates no field of Config)."""
+    return {**dataclasses.asdict(run), "data_root": data_root, "out_dir": out_dir,
+            "protocol": train_params(params, profile)}
+
+
+def execute_notebook(notebook: str | Path, out: str | Path, parameters: dict, *, cwd: str | Path | None = None,
+                     stream: bool = False) -> Path:
+    """Execute `notebook` with papermill into `out` (its folder made first: papermill does not).
+
+    `stream`: the kernel's output (the training bar) goes to this process's stdout and stderr as
+    is, carriage returns included, and the saved notebook keeps its last state, not one output per
+    refresh."""
+    import papermill
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    streams = dict(stdout_file=sys.stdout, stderr_file=sys.stderr, coalesce_streams=True) if stream else {}
+    papermill.execute_notebook(str(notebook), str(out), parameters=parameters, progress_bar=False,
+                               cwd=None if cwd is None else str(cwd), **streams)
+    return out
 
 
 def train_stage(run: Run, out: str | Path, params_path: str | Path = PARAMS, notebook: str | Path = NOTEBOOK,
@@ -170,42 +243,35 @@ def train_stage(run: Run, out: str | Path, params_path: str | Path = PARAMS, not
     notebook can be opened and rerun in JupyterLab where it lies. A checkpoint left in `out` by an
     interrupted run is resumed (DVC keeps it: `persist: true`).
     """
-    import papermill
-
     params = load_params(params_path)
     config(params, run, profile)  # a clear error now, not from inside the kernel
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)  # papermill does not create it
-    result = out / "train.ipynb"
-    papermill.execute_notebook(
-        str(notebook), str(result),
-        parameters=notebook_parameters(params, run, os.path.relpath(data_root, out), ".", profile),
-        cwd=str(out),
-        progress_bar=False,
-        # The training bar reaches the terminal (or the grid's log file) as is, carriage returns
-        # included ...
-        stdout_file=sys.stdout, stderr_file=sys.stderr,
-        # ... and the saved notebook keeps its last state, not one output per refresh.
-        coalesce_streams=True,
-    )
-    return result
+    parameters = notebook_parameters(params, run, os.path.relpath(data_root, out), ".", profile)
+    return execute_notebook(notebook, out / "train.ipynb", parameters, cwd=out, stream=True)
 
 
-def report_stage(params_path: str | Path = PARAMS, profile: str = "paper",
-                 notebook: str | Path = "notebooks/report.ipynb") -> Path:
-    """Stage `report` (or `quick-report`): the report notebook on exactly the profile's runs."""
-    from . import report
-
-    params = load_params(params_path)
+def report_stage(params_path: str | Path = PARAMS, profile: str = "paper", notebook: str | Path = REPORT_NOTEBOOK,
+                 results: str | Path | None = None, out: str | Path | None = None) -> Path:
+    """Stage `report` (or `quick-report`): the report notebook on exactly the profile's runs. With
+    `results` (and `out`), on every run below that folder instead."""
     p = PROFILES[profile]
-    names = [r.name for r in runs(params, profile)]
-    return report.run_notebook(notebook, p.results, names, p.reports, caption(params, profile))
+    if results is not None:
+        names, caption_text = None, ""
+        out = Path(out or p.reports)
+    else:
+        params = load_params(params_path)
+        names, results, out = [r.name for r in runs(params, profile)], p.results, Path(p.reports)
+        caption_text = caption(params, profile)
+    parameters = {"results_dir": str(results), "runs": names, "out_dir": str(out), "caption": caption_text,
+                  "profile": profile}
+    return execute_notebook(notebook, out / "report.ipynb", parameters)
 
 
 def caption(params: dict, profile: str = "paper") -> str:
-    """What a report shows, in its own words: the data (params.yaml's data.name), and for the
-    quick look that it is not the paper's protocol."""
-    data = f"Data: {params['data'].get('name') or 'CIFAR-10'}."
+    """What a report shows, in its own words: the data (params.yaml's data.name and md5), and for
+    the quick look that it is not the paper's protocol."""
+    md5 = params["data"].get("md5")
+    data = f"Data: {params['data'].get('name') or 'CIFAR-10'}{f' (md5 {md5})' if md5 else ''}."
     if profile != "quick":
         return data
     cfg = config(params, runs(params, profile)[0], profile)
@@ -294,34 +360,6 @@ def _commit_to_cache(dvc_file: Path) -> None:
             out.commit()
 
 
-def plot_curves(history, title: str = ""):
-    """One run's error against iterations as in the paper's Fig. 6: training error dashed, test
-    error bold. Rows without a test evaluation (NaN) are skipped, not drawn as gaps."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    from .report import TEST_STYLE, TRAIN_STYLE  # the same look as the report's figures
-
-    sns.set_theme(style="whitegrid")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = history["iteration"] / 1e4
-    ax.plot(x, history["train_error"], label="training error", **TRAIN_STYLE)
-    test = history["test_error"].notna()
-    ax.plot(x[test], history["test_error"][test], label="test error", **TEST_STYLE)
-    ax.set(xlabel="iter. (1e4)", ylabel="error (%)", title=title, ylim=(0, None))
-    ax.legend()
-    return fig
-
-
-def summary(metrics: dict):
-    """The final numbers of one run as a one-column table (errors at the final iteration, %)."""
-    import pandas as pd
-
-    keys = ("arch", "depth", "params", "seed", "iterations", "train_error", "test_error",
-            "diverged", "diverged_at", "warmup_ended_at", "seconds", "device", "device_name")
-    return pd.Series({k: metrics.get(k) for k in keys}, name="final", dtype=object).to_frame()
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m replicate.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -341,6 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     pt.add_argument("--data", default="data", help="root holding cifar-10-batches-py/")
     pt.add_argument("--notebook", default=NOTEBOOK)
     pr = sub.add_parser("report", help="run notebooks/report.ipynb on the profile's runs")
+    pr.add_argument("--results", help="instead: every run below this folder")
+    pr.add_argument("--out", help="with --results: the report's folder (default: the profile's)")
+    pr.add_argument("--notebook", default=REPORT_NOTEBOOK)
     for q in (pt, pr):
         q.add_argument("--profile", choices=sorted(PROFILES), default="paper")
     args = p.parse_args(argv)
@@ -359,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd == "import-data":
             print(f"pinned {import_data(args.source)}: check that data.md5 in {args.params} is its md5")
         elif args.cmd == "report":
-            print(f"executed {report_stage(args.params, args.profile)}")
+            print(f"executed {report_stage(args.params, args.profile, args.notebook, args.results, args.out)}")
         else:
             run = Run.parse(args.run)
             print(f"executed {train_stage(run, args.out, args.params, args.notebook, args.data, args.profile)}")

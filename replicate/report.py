@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import subprocess
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +26,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-ARCHS = ("plain", "resnet")
+from . import code_commit
+from .models import ARCHS, build
+
 PAPER_DEPTHS = (20, 32, 44, 56, 110)   # the grid the table always lists, run or not
 RUN_KEYS = ["arch", "depth", "shortcut", "seed"]
 HISTORY = ["iteration", "lr", "train_loss", "train_error", "test_error"]
@@ -127,9 +129,7 @@ def label(runs: Runs, caption: str = "") -> str:
     m = runs.metrics
     def values(column, fmt="{}"):
         return "/".join(fmt.format(v) for v in sorted(set(m[column].dropna()), key=str)) or "?"
-    # "-dirty": the working tree differed from the commit (say, data.dvc pinned to another tarball)
-    commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = code_commit()  # the code's: the data is named by the caption, with its md5
     hardware = "/".join(sorted({f"{d.upper()} {n}" for d, n in zip(m["device"], m["device_name"])
                                 if isinstance(d, str)})) or "?"
     facts = (f"{len(m)} runs on {values('train_images', '{:,}')} training and {values('test_images', '{:,}')} test "
@@ -153,10 +153,11 @@ def summary(runs: Runs) -> pd.DataFrame:
 
 # --- Table 6 ---------------------------------------------------------------------------------
 
-def grid(runs: Runs) -> list[tuple[str, int, str]]:
+def grid(runs: Runs, profile: str = "paper") -> list[tuple[str, int, str]]:
     """The table's rows: the paper's grid (plain and ResNet x 20..110, option A) plus every other
-    (arch, depth, shortcut) that has a run, so an absent run is listed and a present one kept."""
-    keys = {(a, d, "A") for a in ARCHS for d in PAPER_DEPTHS}
+    (arch, depth, shortcut) that has a run, so an absent run is listed and a present one kept. The
+    quick look lists only the nets it ran."""
+    keys = {(a, d, "A") for a in ARCHS for d in PAPER_DEPTHS} if profile == "paper" else set()
     keys |= {(a, int(d), s) for a, d, s in runs.metrics[["arch", "depth", "shortcut"]].itertuples(index=False)}
     return sorted(keys, key=lambda k: (ARCHS.index(k[0]) if k[0] in ARCHS else len(ARCHS), k[0], k[1], k[2]))
 
@@ -164,8 +165,6 @@ def grid(runs: Runs) -> list[tuple[str, int, str]]:
 @lru_cache(maxsize=None)
 def count_params(arch: str, depth: int, shortcut: str = "A") -> int:
     """Parameters of a net that has no run, from the same builder the runs used."""
-    from .models import build  # imports torch; only needed for missing rows
-
     return sum(p.numel() for p in build(arch, depth, shortcut=shortcut).parameters())
 
 
@@ -188,16 +187,18 @@ def paper_text(depth: int) -> str:
     return f"{PAPER_TABLE6[depth]:.2f}"
 
 
-def table6(runs: Runs) -> pd.DataFrame:
+def table6(runs: Runs, profile: str = "paper") -> pd.DataFrame:
     """One row per net of the grid: parameters, our final-iteration test error (%), the paper's.
 
     `test_error` is the best seed's final test error (the paper reports its best run), `mean` and
-    `std` are over the finished seeds; `diff` is ours minus the paper's, both best runs. Diverged
-    seeds never enter the numbers but are counted and named in `ours`; a net without runs says
-    'missing'. The two replications' plain-net numbers are their own, never ours.
+    `std` are over the finished seeds; `diff` is ours minus the paper's, both best runs, and only
+    for the paper's protocol: the quick look's far shorter runs show the paper's number as a
+    reference, never subtracted. Diverged seeds never enter the numbers but are counted and named
+    in `ours`; a net without runs says 'missing'. The two replications' plain-net numbers are their
+    own, never ours.
     """
     rows = []
-    for arch, depth, shortcut in grid(runs):
+    for arch, depth, shortcut in grid(runs, profile):
         sel = runs.select(arch, depth, shortcut)
         done = sel[~sel.diverged & sel.test_error.notna()]
         errors, n_div = done.test_error, int(sel.diverged.sum())
@@ -221,7 +222,7 @@ def table6(runs: Runs) -> pd.DataFrame:
             "paper": paper if paper is not None else math.nan,
             "paper_text": "" if paper is None else paper_text(depth),
         }
-        row["diff"] = row["test_error"] - row["paper"]
+        row["diff"] = row["test_error"] - row["paper"] if profile == "paper" else math.nan
         for source, values in THEIRS_PLAIN.items():
             row[source] = values.get(depth, math.nan) if (arch, shortcut) == ("plain", "A") else math.nan
         rows.append(row)
@@ -236,17 +237,27 @@ def _markdown(df: pd.DataFrame, right: set[str]) -> str:
     return "\n".join(lines)
 
 
-def table6_markdown(table: pd.DataFrame) -> str:
-    """Table 6 for people: ours beside the paper's, empty cells where a source gives no number."""
+def table6_markdown(table: pd.DataFrame, profile: str = "paper") -> str:
+    """Table 6 for people: ours beside the paper's, empty cells where a source gives no number. The
+    quick look's table gives the paper's numbers as a reference only."""
     def num(x, fmt="{:.2f}"):
         return "" if pd.isna(x) else fmt.format(x)
 
-    view = pd.DataFrame({
+    columns = {
         "net": table.net,
         "params": table.params.map("{:,}".format),
         "params (M)": table["params (M)"],
         "iterations": table.iterations,
         "ours: test error (%)": table.ours,
+    }
+    if profile != "paper":
+        view = pd.DataFrame({**columns, "paper, 64k iterations (%): a reference, not comparable": table.paper_text})
+        caption = ("CIFAR-10 test error (%) at the final iteration of the quick look's short runs; several seeds: "
+                   "best (mean±std). The paper's numbers come from 64,000 iterations: they show where the "
+                   "full protocol ends, not what these runs should reach.")
+        return caption + "\n\n" + _markdown(view, right={"params", "params (M)", "iterations"})
+    view = pd.DataFrame({
+        **columns,
         "paper (%)": table.paper_text,
         "ours − paper": table["diff"].map(lambda x: num(x, "{:+.2f}")),
         **{source: table[source].map(num) for source in THEIRS_PLAIN},
@@ -268,13 +279,13 @@ def table6_metrics(table: pd.DataFrame) -> dict:
             for _, row in table.iterrows()}
 
 
-def write_table(table: pd.DataFrame, out_dir: str | Path, note: str = "") -> None:
+def write_table(table: pd.DataFrame, out_dir: str | Path, note: str = "", profile: str = "paper") -> None:
     """table6.csv (every column, full precision), table6.md (with `note` under it) and table6.json
     (DVC metrics)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "table6.csv", index=False)
-    (out / "table6.md").write_text(table6_markdown(table) + (f"\n\n{note}" if note else "") + "\n")
+    (out / "table6.md").write_text(table6_markdown(table, profile) + (f"\n\n{note}" if note else "") + "\n")
     (out / "table6.json").write_text(json.dumps(table6_metrics(table), indent=2, ensure_ascii=False) + "\n")
 
 
@@ -333,22 +344,39 @@ def error_panel(ax, runs: Runs, nets: list[tuple[str, int]], curves=("train", "t
     ax.xaxis.set_major_locator(MaxNLocator(6))
 
 
-def fig6(runs: Runs) -> Figure:
-    """The paper's Figure 6: plain nets, ResNets, and ResNet-110 against ResNet-1202."""
-    fig, (left, middle, right) = _figure(1, 3, (16, 4.5))
-    error_panel(left, runs, [("plain", d) for d in (20, 32, 44, 56)], title="plain (plain-110 only in the table)")
-    error_panel(middle, runs, [("resnet", d) for d in PAPER_DEPTHS], title="ResNet")
-    error_panel(right, runs, [("resnet", 110), ("resnet", 1202)], title="ResNet-110 and ResNet-1202")
-    if runs.select("resnet", 1202).empty:
-        right.text(0.5, 0.5, "no ResNet-1202 run", transform=right.transAxes, ha="center", va="center",
-                   color="0.4")
+def fig6(runs: Runs, profile: str = "paper") -> Figure:
+    """The paper's Figure 6: plain nets, ResNets, and ResNet-110 against ResNet-1202. The paper's
+    report draws all three panels, naming missing nets; the quick look draws only its own nets, in
+    the panels that have some."""
+    panels = [([("plain", d) for d in (20, 32, 44, 56)], "plain (plain-110 only in the table)"),
+              ([("resnet", d) for d in PAPER_DEPTHS], "ResNet"),
+              ([("resnet", 110), ("resnet", 1202)], "ResNet-110 and ResNet-1202")]
+    if profile != "paper":  # every net it ran, plain ones left, residual ones right
+        ran = sorted({(a, int(d)) for a, d in runs.metrics[["arch", "depth"]].itertuples(index=False)})
+        panels = [(nets, title) for nets, title in (([n for n in ran if n[0] == "plain"], "plain"),
+                                                     ([n for n in ran if n[0] == "resnet"], "ResNet")) if nets]
+        panels = panels or [([], "no runs")]
+    fig, axes = _figure(1, len(panels), (5.4 * len(panels), 4.5))
+    for ax, (nets, title) in zip(axes, panels):
+        error_panel(ax, runs, nets, title=title)
+    if profile == "paper" and runs.select("resnet", 1202).empty:
+        axes[2].text(0.5, 0.5, "no ResNet-1202 run", transform=axes[2].transAxes, ha="center", va="center",
+                     color="0.4")
     return fig
 
 
-def fig1(runs: Runs) -> Figure:
-    """The paper's Figure 1: plain-20 and plain-56, training error left, test error right."""
+def present(runs: Runs, nets: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The nets of `nets` that have at least one run."""
+    return [(arch, depth) for arch, depth in nets if not runs.select(arch, depth).empty]
+
+
+def fig1(runs: Runs, profile: str = "paper") -> Figure:
+    """The paper's Figure 1: plain-20 and plain-56, training error left, test error right (the
+    quick look: the plain nets it ran)."""
     fig, (left, right) = _figure(1, 2, (11, 4.2))
     nets = [("plain", 20), ("plain", 56)]
+    if profile != "paper":
+        nets = sorted({("plain", int(d)) for d in runs.metrics[runs.metrics.arch == "plain"].depth}) or nets
     error_panel(left, runs, nets, curves=("train",), title="training error")
     error_panel(right, runs, nets, curves=("test",), title="test error")
     return fig
@@ -365,13 +393,14 @@ def layer_stds(runs: Runs, arch: str, depth: int) -> pd.Series:
     return r.groupby("layer")["std"].mean()
 
 
-def fig7(runs: Runs) -> Figure:
+def fig7(runs: Runs, profile: str = "paper") -> Figure:
     """The paper's Figure 7: response std per 3x3 layer, in network order (top) and sorted (bottom).
-    Colour is the depth, as everywhere; plain nets dotted, ResNets solid."""
+    Colour is the depth, as everywhere; plain nets dotted, ResNets solid. The quick look draws only
+    the nets it ran."""
     fig, (top, bottom) = _figure(2, 1, (9, 7))
     colours = depth_colours(runs.metrics.depth)
     handles = []
-    for arch, depth in FIG7_NETS:
+    for arch, depth in FIG7_NETS if profile == "paper" else present(runs, FIG7_NETS):
         _, label = _status(runs, arch, depth)
         stds = layer_stds(runs, arch, depth)
         style = {"color": colours[depth], "linestyle": ":" if arch == "plain" else "-", "linewidth": 1.5}
@@ -383,6 +412,20 @@ def fig7(runs: Runs) -> Figure:
     top.set(xlabel="layer index (original)", ylabel="std", title="responses of the 3x3 layers")
     bottom.set(xlabel="layer index (sorted by magnitude)", ylabel="std")
     top.legend(handles=handles, fontsize="small", loc="best")
+    return fig
+
+
+def plot_curves(history: pd.DataFrame, title: str = "") -> Figure:
+    """One run's error against iterations as in the paper's Fig. 6 (the training notebook's plot):
+    training error dashed, test error bold. Rows without a test evaluation (NaN) are skipped, not
+    drawn as gaps."""
+    fig, (ax,) = _figure(1, 1, (7, 4))
+    x = history["iteration"] / 1e4
+    ax.plot(x, history["train_error"], label="training error", **TRAIN_STYLE)
+    test = history["test_error"].notna()
+    ax.plot(x[test], history["test_error"][test], label="test error", **TEST_STYLE)
+    ax.set(xlabel="iter. (1e4)", ylabel="error (%)", title=title, ylim=(0, None))
+    ax.legend()
     return fig
 
 
@@ -478,21 +521,39 @@ def responses_smaller(runs: Runs) -> str:
     return f"{question}: {_yes(all(r < p for _, r, p in pairs))} ({shown}{gone})"
 
 
-def deeper_responses_smaller(runs: Runs) -> str:
+def deeper_responses_smaller(runs: Runs, depths=(20, 56, 110)) -> str:
     """Fig. 7: deeper ResNets have smaller responses (ResNet-20, 56, 110)."""
     values, missing = {}, []
-    for d in (20, 56, 110):
+    for d in depths:
         v, why = _mean_response(runs, "resnet", d)
         values.update({d: v} if v is not None else {})
         missing += [why] if why else []
     return f"deeper ResNets have smaller responses (mean std over layers): {_trend(values, missing, '')}"
 
 
-def verdicts(runs: Runs) -> list[str]:
-    """The paper's claims, each answered yes/no/unknown from our runs with the numbers behind it."""
-    return [degradation(runs, "train_error"), degradation(runs, "test_error"), residual_fix(runs, "train_error"),
-            residual_fix(runs, "test_error"), deeper_resnets_better(runs), responses_smaller(runs),
-            deeper_responses_smaller(runs)]
+def verdicts(runs: Runs, profile: str = "paper") -> list[str]:
+    """The paper's claims, each answered yes/no/unknown from our runs with the numbers behind it.
+
+    The quick look answers only what its runs can: Table 6's ordering needs the paper's whole
+    schedule, and a claim about nets it does not run is "not tested by the quick look"."""
+    fig1 = [degradation(runs, "train_error"), degradation(runs, "test_error"), residual_fix(runs, "train_error"),
+            residual_fix(runs, "test_error")]
+    if profile == "paper":
+        return fig1 + [deeper_resnets_better(runs), responses_smaller(runs), deeper_responses_smaller(runs)]
+    table6_claim = ("deeper ResNets (20 to 110) end with lower test error: not tested by the quick look "
+                    "(Table 6's ordering needs the paper's 64,000 iterations: `make repro`)")
+    depths = [d for d in (20, 56, 110) if not runs.select("resnet", d).empty]
+    return [_not_tested(line) for line in
+            fig1 + [table6_claim, responses_smaller(runs), deeper_responses_smaller(runs, depths or (20, 56))]]
+
+
+def _not_tested(line: str) -> str:
+    """'claim: unknown (X missing; Y missing)' -> 'claim: not tested by the quick look (it does not run X, Y)'."""
+    found = re.fullmatch(r"(.*): unknown \((.*)\)", line)
+    reasons = found[2].split("; ") if found else []
+    if not reasons or not all(r.endswith(" missing") for r in reasons):
+        return line
+    return f"{found[1]}: not tested by the quick look (it does not run {', '.join(r[:-8] for r in reasons)})"
 
 
 def write_verdicts(lines: list[str], out_dir: str | Path) -> Path:
@@ -500,34 +561,3 @@ def write_verdicts(lines: list[str], out_dir: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"- {line}\n" for line in lines))
     return path
-
-
-def run_notebook(notebook: str | Path, results_dir: str | Path, names: list[str] | None, out_dir: str | Path,
-                 caption: str = "") -> Path:
-    """Execute the report notebook with papermill into OUT/report.ipynb (papermill will not create
-    OUT itself); the notebook writes the table, figures and verdicts beside it."""
-    import papermill
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(str(notebook), str(out / "report.ipynb"), progress_bar=False,
-                               parameters={"results_dir": str(results_dir), "runs": names, "out_dir": str(out),
-                                           "caption": caption})
-    return out / "report.ipynb"
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m replicate.report --results results --out reports`: every run below RESULTS.
-    (The DVC stages go through `python -m replicate.pipeline report`, which names the runs.)"""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m replicate.report", description=main.__doc__)
-    p.add_argument("--notebook", default="notebooks/report.ipynb")
-    p.add_argument("--results", default="results", help="folder holding the run folders")
-    p.add_argument("--out", default="reports", help="folder for the executed notebook, tables and figures")
-    args = p.parse_args(argv)
-    run_notebook(args.notebook, args.results, None, args.out)
-
-
-if __name__ == "__main__":
-    main()

@@ -22,14 +22,16 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 # Per-notebook small parameters, made in the test's temporary folder. Paths are absolute: nbval
 # runs a notebook in its own folder.
-TINY_TRAIN = dict(arch="resnet", depth=8, seed=1, iterations=12, milestones=[6, 9], lr=0.05,
-                  batch_size=16, log_every=3, eval_every=6, checkpoint_every=6, device="cpu",
-                  compile=False, warmup=True, warmup_until=100.5, lr_ramp=2)  # warm-up ends at the first check
+TINY_RUN = dict(arch="resnet", depth=8, seed=1)
+TINY_PROTOCOL = dict(iterations=12, milestones=[6, 9], lr=0.05, batch_size=16, log_every=3, eval_every=6,
+                     checkpoint_every=6, device="cpu", compile=False, warmup=True, warmup_until=100.5,
+                     lr_ramp=2)  # warm-up ends at the first check
+TINY_TRAIN = {**TINY_RUN, **TINY_PROTOCOL}
 
 
 def train_parameters(tmp: Path) -> dict:
     cifar.write_cifar10(tmp / "cifar", cifar.synthetic(160, 40, seed=3))
-    return {**TINY_TRAIN, "data_root": str(tmp / "cifar"), "out_dir": str(tmp / "run")}
+    return {**TINY_RUN, "protocol": TINY_PROTOCOL, "data_root": str(tmp / "cifar"), "out_dir": str(tmp / "run")}
 
 
 def report_parameters(tmp: Path) -> dict:
@@ -79,8 +81,7 @@ def test_diverged_run_ends_its_stage_with_metrics_that_say_so(tmp_path):
     """The stage's entry point on a run whose loss blows up: it exits normally, so `dvc repro`
     goes on with the grid, and metrics.json says what happened."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    tiny = {k: v for k, v in TINY_TRAIN.items() if k not in ("arch", "depth", "seed")}
-    params["train"].update(tiny, lr=1e6, warmup=False)
+    params["train"].update(TINY_PROTOCOL, lr=1e6, warmup=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     cifar.write_cifar10(tmp_path / "cifar", cifar.synthetic(160, 40, seed=3))
     pipeline.main(["--params", str(tmp_path / "params.yaml"), "train", "--run", "plain-8-0", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "cifar")])

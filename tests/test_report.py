@@ -31,7 +31,7 @@ import nbformat  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from replicate import report  # noqa: E402
+from replicate import pipeline, report  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RUNS = FIXTURES / "runs"
@@ -278,9 +278,9 @@ def test_notebook_strict_nbval_on_the_fixture(tmp_path):
 
 
 def test_stage_command_writes_the_executed_notebook_and_every_file(tmp_path):
-    """What the DVC `report` stage runs: `python -m replicate.report --results ... --out ...`."""
+    """The report on any results folder: `python -m replicate.pipeline report --results ... --out ...`."""
     out = tmp_path / "new" / "reports"  # the entry point creates it; papermill alone would not
-    report.main(["--notebook", str(NOTEBOOK), "--results", str(RUNS), "--out", str(out)])
+    pipeline.main(["report", "--notebook", str(NOTEBOOK), "--results", str(RUNS), "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES + ["report.ipynb"])
     executed = nbformat.read(out / "report.ipynb", 4)
     assert any("plain-56 ends with" in o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
@@ -297,6 +297,39 @@ def test_label_says_what_the_runs_are(tmp_path):
     note = report.label(report.collect(root), "Quick look.")
     assert note.startswith("Quick look. 2 runs on 5,085 training and 1,017 test images, 600 iterations, "
                            "CPU x86_64 (bf16); report of ")
-    assert re.search(r"report of \d{4}-\d\d-\d\d, commit [0-9a-f]{7}(-dirty)?\.$", note), note
+    assert re.search(r"report of \d{4}-\d\d-\d\d, commit [0-9a-f]{7}(\+modified)?\.$", note), note
     # older runs without the provenance fields: "?" rather than a guess
     assert "runs on ? training and ? test images" in report.label(report.collect(RUNS))
+
+
+QUICK = ["plain-20-0", "plain-56-0", "resnet-20-0", "resnet-56-0"]
+
+
+def test_the_quick_report_shows_only_what_the_quick_look_ran(tmp_path):
+    """Its four nets only: no 'missing' rows, no 'ours - paper' against a far shorter run, no empty
+    panel, and no verdict it cannot give."""
+    runs = report.collect(results(tmp_path, QUICK))
+    table = report.table6(runs, "quick")
+    assert list(table.net) == ["plain-20", "plain-56", "ResNet-20", "ResNet-56"]
+    assert "missing" not in set(table.ours) and table["diff"].isna().all()
+    assert list(table.paper[table.arch == "resnet"]) == [report.PAPER_TABLE6[20], report.PAPER_TABLE6[56]]
+    md = report.table6_markdown(table, "quick")
+    assert "ours − paper" not in md and "a reference, not comparable" in md and "| 8.75 |" in md
+    assert "ours − paper" in report.table6_markdown(report.table6(runs))  # the paper's report keeps it
+    fig = report.fig6(runs, "quick")
+    assert [ax.get_title() for ax in fig.axes] == ["plain", "ResNet"]
+    labels = [label for ax in fig.axes for label in legend(ax)]
+    assert not [label for label in labels if "missing" in label] and not [t for ax in fig.axes for t in ax.texts]
+    assert sorted(label for label in legend(report.fig7(runs, "quick").axes[0])) == [
+        "ResNet-20", "ResNet-56", "plain-20", "plain-56"]
+    lines = report.verdicts(runs, "quick")
+    assert len(lines) == 7 and lines[:4] == report.verdicts(runs)[:4]
+    assert lines[4].endswith("not tested by the quick look (Table 6's ordering needs the paper's 64,000 "
+                             "iterations: `make repro`)")
+    assert re.search(r"deeper ResNets have smaller responses .*: (yes|no) \(20: [\d.]+, 56: [\d.]+\)$", lines[6])
+    assert not [line for line in lines if "unknown" in line or "missing" in line]
+    (tmp_path / "small").mkdir()
+    small = report.collect(results(tmp_path / "small", ["plain-20-0", "resnet-20-0"]))
+    assert [len(legend(ax)) - 2 for ax in report.fig6(small, "quick").axes] == [1, 1]  # one net a panel
+    assert report.verdicts(small, "quick")[0] == ("plain-56 ends with a higher training error than plain-20: "
+                                                  "not tested by the quick look (it does not run plain-56)")

@@ -134,7 +134,7 @@ def test_grid_trains_every_run_two_at_a_time_then_the_report(grid_project):
     assert sorted(table.dropna(subset=["iterations"]).net) == ["ResNet-20", "ResNet-8", "plain-20", "plain-8"]
     assert "4/4 done" in first.stdout and "report in reports/" in first.stdout
     # nothing left to do: `dvc status` of the report and its upstream is clean
-    assert "Data and pipelines are up to date." in dvc("status", "report", cwd=project).stdout
+    assert "Data and pipelines are up to date." in dvc("status", "--with-deps", "report", cwd=project).stdout
 
 
 def test_second_grid_run_trains_nothing(grid_project):
@@ -144,6 +144,28 @@ def test_second_grid_run_trains_nothing(grid_project):
     assert "4 up to date, 0 to train\n" in again.stdout  # no "(0 at a time: )"
     assert "Running stage 'train@" not in again.stdout and "running  " not in again.stdout
     assert {n: (project / "results" / n / "train.log").read_text() for n in GRID} == logs
+
+
+def test_a_key_that_changes_no_result_reruns_nothing(grid_project):
+    """Each stage declares the params keys it reads, and checkpoint_every cannot change a result
+    (resume is exact): on a finished grid, changing it leaves every stage up to date; changing
+    eval_every does not."""
+    project, _ = grid_project
+    path = project / "params.yaml"
+    before = path.read_text()
+    params = yaml.safe_load(before)
+    try:
+        params["train"]["checkpoint_every"] = 7
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        status = dvc("status", "--with-deps", "report", cwd=project).stdout
+        print(f"\n`dvc status --with-deps report` after train.checkpoint_every: 5 -> 7:\n{status}")
+        assert "Data and pipelines are up to date." in status
+        params["train"]["eval_every"] = 5
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        status = dvc("status", "--with-deps", "report", cwd=project).stdout
+        assert all(f"train@{name}" in status for name in GRID) and "train.eval_every" in status
+    finally:
+        path.write_text(before)
 
 
 def test_quick_profile_keeps_its_runs_and_report_apart(grid_project):
