@@ -68,6 +68,12 @@ lab: $(STAMP)
 	@# The venv's kernels first: a user's own "python3" kernel (~/.local/share/jupyter) would win.
 	JUPYTER_PATH=$(abspath $(VENV))/share/jupyter jupyter lab
 
+## gpu-check: on a GPU machine, every open GPU question in one command, ~5.5 min (reports/gpu-check/; GPU_CHECK_ARGS="--sample X.npz")
+.PHONY: gpu-check
+gpu-check:
+	@# No $(STAMP): it runs on a bare GPU image with torch and numpy alone (docs/speed.md).
+	PYTHONPATH=. python3 scripts/gpu_check.py --out reports/gpu-check $(GPU_CHECK_ARGS)
+
 ## bench: engine vs a reference-style trainer, ResNet-20 and -56 side by side (reports/bench.json; BENCH_ARGS="--concurrent 4")
 .PHONY: bench
 bench: $(STAMP)

@@ -33,14 +33,13 @@ from queue import Empty
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
 from . import data as cifar
 from . import train
+from .device import device_name, pick_device, set_backends
 from .models import build
 
 
@@ -64,14 +63,22 @@ def load_data(root: str | Path, n_train: int = 50_000, n_test: int = 10_000,
 
 def hardware(device: torch.device) -> dict:
     """What a speed number depends on. The load average shows how busy the machine was."""
-    info = {"device": device.type, "device_name": train.device_name(device),
+    info = {"device": device.type, "device_name": device_name(device),
             "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": _torchvision_version()}
     if device.type == "cuda":
         info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                     gpu_memory_gib=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1))
     return info
+
+
+def _torchvision_version() -> str | None:
+    try:  # only the reference-style trainer needs it (scripts/gpu_check.py runs where it is absent)
+        import torchvision
+    except ImportError:
+        return None
+    return torchvision.__version__
 
 
 def load_average() -> list[float] | None:
@@ -89,9 +96,10 @@ class Engine:
 
     def __init__(self, data: cifar.Cifar10, arch: str, depth: int, device: torch.device, *, batch_size: int = 128,
                  seed: int = 0, run_length: int = 55, compile: bool | str = "auto", cuda_graphs: bool = False,
-                 log_every: int = 100):
+                 log_every: int = 100, **config):
         self.cfg = train.Config(arch=arch, depth=depth, batch_size=batch_size, seed=seed, iterations=run_length,
-                                log_every=log_every, device=str(device), compile=compile, cuda_graphs=cuda_graphs)
+                                log_every=log_every, device=str(device), compile=compile, cuda_graphs=cuda_graphs,
+                                **config)
         self.engine = train.make_engine(self.cfg, data)
         self.interval = torch.zeros(2, log_every, device=self.engine.device)
         self.engine.model.train()
@@ -140,8 +148,10 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return mean, std
 
 
-def reference_transform(mean: list[float], std: list[float]) -> T.Compose:
+def reference_transform(mean: list[float], std: list[float]):
     """The usual CIFAR training transform: pad-crop and flip on PIL images, then ToTensor, Normalize."""
+    from torchvision import transforms as T
+
     return T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
@@ -266,7 +276,7 @@ def _concurrent_worker(rank: int, threads: int, barrier, results, data_args: dic
         if threads:
             torch.set_num_threads(threads)
         data, _ = load_data(**data_args)
-        device = train.pick_device(kwargs.pop("device"))
+        device = pick_device(kwargs.pop("device"))
         warmup, iterations, batch_size = kwargs.pop("warmup"), kwargs.pop("iterations"), kwargs["batch_size"]
         engine, start = start_up(lambda: Engine(data, device=device, run_length=warmup + iterations, **kwargs),
                                  device, warmup)
@@ -280,14 +290,16 @@ def _concurrent_worker(rank: int, threads: int, barrier, results, data_args: dic
 
 
 def bench_concurrent(k: int, data_args: dict, arch: str, depth: int, device: torch.device, *, warmup: int,
-                     iterations: int, batch_size: int, **kwargs) -> dict:
+                     iterations: int, batch_size: int, timeout: float | None = None, **kwargs) -> dict:
     """K engine processes training one net each on the same device at the same time, as K grid
     entries would. They warm up, wait for each other, then time N iterations together; the
-    aggregate is all their images over the span from the first start to the last finish."""
+    aggregate is all their images over the span from the first start to the last finish. Each
+    gets its share of the cores as torch threads, as a grid slot does. After `timeout` seconds
+    the processes are stopped and it fails."""
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
     barrier, results = ctx.Barrier(k), ctx.Queue()
-    # On a CPU the K processes share the cores; on a GPU each keeps its default threads.
-    threads = max(1, (os.cpu_count() or 1) // k) if device.type == "cpu" else 0
+    threads = max(1, (os.cpu_count() or 1) // k)
+    deadline = None if timeout is None else time.monotonic() + timeout
     job = dict(kwargs, arch=arch, depth=depth, device=str(device), warmup=warmup, iterations=iterations,
                batch_size=batch_size)
     procs = [ctx.Process(target=_concurrent_worker, args=(r, threads, barrier, results, data_args, dict(job)))
@@ -296,6 +308,10 @@ def bench_concurrent(k: int, data_args: dict, arch: str, depth: int, device: tor
         p.start()
     runs: dict[int, dict] = {}
     while len(runs) < k:
+        if deadline is not None and time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            raise RuntimeError(f"{k} concurrent engine processes did not finish within {timeout:.0f} s")
         try:
             rank, result = results.get(timeout=5)
             runs[rank] = result
@@ -312,7 +328,7 @@ def bench_concurrent(k: int, data_args: dict, arch: str, depth: int, device: tor
         raise RuntimeError(f"concurrent engine processes failed: {errors}")
     runs = [runs[r] for r in range(k)]
     span = max(r["wall_end"] for r in runs) - min(r["wall_start"] for r in runs)
-    return {"processes": k, "threads_per_process": threads or None,
+    return {"processes": k, "threads_per_process": threads,
             "aggregate_images_per_s": round(k * iterations * batch_size / span, 2),
             "per_process_images_per_s": [r["images_per_s"] for r in runs]}
 
@@ -323,10 +339,12 @@ class StepVariant:
     """The training step on one fixed batch with some of the engine's tricks: what each one buys."""
 
     def __init__(self, arch: str, depth: int, device: torch.device, *, batch_size: int, seed: int,
-                 channels_last: bool, bf16: bool, fused: bool | None, compile: bool, cuda_graphs: bool = False):
+                 channels_last: bool, bf16: bool, fused: bool | None, compile: bool, cuda_graphs: bool = False,
+                 bn_batch_size: int | None = None):
+        set_backends(device, tf32=False, deterministic=False)  # as the engine: cuDNN benchmarks its kernels
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         torch.manual_seed(seed)
-        self.model = build(arch, depth).to(device, memory_format=fmt)
+        self.model = build(arch, depth, bn_batch_size=bn_batch_size).to(device, memory_format=fmt)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=fused)
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(batch_size, 3, 32, 32, generator=g).to(device).contiguous(memory_format=fmt)
@@ -377,20 +395,23 @@ def bench_tricks(data: cifar.Cifar10, arch: str, depth: int, device: torch.devic
     """Time each variant of the step (and each data path) in interleaved blocks, like compare()."""
     cuda = device.type == "cuda"
     step = dict(batch_size=batch_size, seed=seed)
-    variants = {  # name: (channels_last, bf16, fused SGD, compile, CUDA graphs)
-        "NCHW fp32 (the reference's format)": (False, False, None, False, False),
-        "channels_last fp32": (True, False, None, False, False),
-        "channels_last bf16 autocast": (True, True, None, False, False),
+    variants = {  # name: (channels_last, bf16, fused SGD, compile, CUDA graphs, BN group size)
+        "NCHW fp32 (the reference's format)": (False, False, None, False, False, None),
+        "channels_last fp32": (True, False, None, False, False, None),
+        "channels_last bf16 autocast": (True, True, None, False, False, None),
     }
+    eager = (True, True, True if cuda else None, False, False)
     if cuda:
-        variants["channels_last bf16 + fused SGD (engine, eager)"] = (True, True, True, False, False)
+        variants["channels_last bf16 + fused SGD (engine, eager)"] = (*eager, None)
+    variants["engine, eager, BN over groups of 64 (bn_batch_size: 64)"] = (*eager, 64)
     if compile is not False:
         base = (True, True, True) if cuda else (True, False, None)
-        variants["engine + torch.compile"] = (*base, True, False)
+        variants["engine + torch.compile"] = (*base, True, False, None)
         if cuda:
-            variants["engine + torch.compile with CUDA graphs"] = (*base, True, True)
+            variants["engine + torch.compile with CUDA graphs"] = (*base, True, True, None)
     makers = {name: (lambda v=v: StepVariant(arch, depth, device, channels_last=v[0], bf16=v[1], fused=v[2],
-                                            compile=v[3], cuda_graphs=v[4], **step)) for name, v in variants.items()}
+                                            compile=v[3], cuda_graphs=v[4], bn_batch_size=v[5], **step))
+              for name, v in variants.items()}
     makers["data only: engine CifarLoader.batch"] = lambda: DataOnly(data, device, True, **step)
     makers["data only: reference DataLoader, in-process"] = lambda: DataOnly(data, device, False, **step)
     started = {name: start_up(make, device, warmup) for name, make in makers.items()}
@@ -454,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = train.pick_device(args.device)
+    device = pick_device(args.device)
     gpu = device.type != "cpu"
     iterations = args.iterations if args.iterations is not None else (500 if gpu else 50)
     warmup = args.warmup if args.warmup is not None else (50 if gpu else 5)

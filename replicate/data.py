@@ -117,11 +117,8 @@ def synthetic(n_train: int = 500, n_test: int = 100, seed: int = 0) -> Cifar10:
 
 
 def md5sum(path: str | Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def download(root: str | Path, url: str = URL, md5: str = MD5) -> Path:

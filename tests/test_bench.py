@@ -69,6 +69,7 @@ def test_tricks_mode_times_each_variant_and_both_data_paths(tmp_path):
     assert names[0].startswith("NCHW fp32") and "channels_last fp32" in names
     assert any(n.startswith("data only: engine") for n in names)
     assert any(n.startswith("data only: reference") for n in names)
+    assert any(n.startswith("engine, eager, BN over groups of 64") for n in names)
     assert all(r["images_per_s"] > 0 and r["speedup_vs_nchw_fp32"] > 0 for r in rows)
     assert rows[0]["speedup_vs_nchw_fp32"] == 1.0 and report["results"] == []
 
@@ -94,3 +95,15 @@ def test_timed_blocks_alternate_the_trainers_over_the_same_iterations():
                                  batch_size=4)
     assert calls == [("a", 5, 8), ("b", 5, 8), ("a", 8, 10), ("b", 8, 10), ("a", 10, 12), ("b", 10, 12)]
     assert [len(r["block_images_per_s"]) for r in results] == [3, 3]
+
+
+def test_each_trick_is_timed_with_the_engines_backend_settings(monkeypatch):
+    """--tricks built its nets without the engine's cuDNN settings, so on CUDA it did not time the
+    engine that trains (no cudnn.benchmark)."""
+    seen = []
+    monkeypatch.setattr(bench, "set_backends", lambda device, **kw: seen.append((device, kw)))
+    bench.StepVariant("resnet", 8, torch.device("cuda"), batch_size=4, seed=0, channels_last=True, bf16=False,
+                      fused=None, compile=False) if torch.cuda.is_available() else None
+    bench.StepVariant("resnet", 8, torch.device("cpu"), batch_size=4, seed=0, channels_last=True, bf16=False,
+                      fused=None, compile=False)
+    assert seen[-1] == (torch.device("cpu"), {"tf32": False, "deterministic": False})
