@@ -53,9 +53,9 @@ def test_ci_runs_make_test():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_quick_start_names_make_repro_and_make_test():
+def test_readme_how_to_reproduce_names_make_repro_and_make_test():
     readme = (ROOT / "README.md").read_text()
-    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    quick_start = readme.split("## How to reproduce", 1)[1].split("\n## ", 1)[0]
     assert "make repro" in quick_start and "make test" in quick_start
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^repro:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
