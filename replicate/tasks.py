@@ -62,8 +62,12 @@ def run_task(task: Task, cwd: Path) -> int:
 
 def cost(run: str) -> int:
     """A run's relative cost: a step costs about its depth (the runs of a profile have the same
-    iterations)."""
-    return Run.parse(run).depth
+    iterations); a task that is not a paper run (a test's, a custom stage's) counts as 1, so the
+    progress line never stops the grid."""
+    try:
+        return Run.parse(run).depth
+    except ValueError:
+        return 1
 
 
 def outcome(task: Task, code: int | None) -> str:

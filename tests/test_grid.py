@@ -164,6 +164,20 @@ def test_view_gives_an_eta_from_the_work_done(tmp_path):
     assert view.status().startswith("1/3 done, 1 running (plain-56-0 50%), 1 queued, 0 failed, elapsed 0:01:40, ETA 0:02:51")
 
 
+def test_the_view_of_tasks_that_are_not_paper_runs_still_ticks(tmp_path):
+    # the Slurm test's tasks are named quick-0, failing-0: the progress line must not raise
+    tasks = make_tasks(tmp_path, {"quick-0": "", "failing-0": ""})
+    out = io.StringIO()
+    view = View(tasks, every=0, stream=out)
+    view.start -= 100
+    view.set("quick-0", "running")
+    tasks[0].log.parent.mkdir()
+    tasks[0].log.write_text("quick: 50%| | 5/10 [")
+    view.tick()
+    assert view.eta(100) == pytest.approx(1.5 / (0.5 / 100))  # each counts 1
+    assert "0/2 done, 1 running (quick-0 50%)" in out.getvalue()
+
+
 def test_outcome_says_a_diverged_run_is_a_result(tmp_path):
     task = make_tasks(tmp_path, {"plain-110-0": ""})[0]
     task.log.parent.mkdir()
