@@ -42,8 +42,8 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
                              "(bn_batch_size must divide batch_size)")
         groups = n // g
         # The groups side by side as channels, (g, G*C, H, W): one call of torch's own BN kernel
-        # normalises each (group, channel) with its own statistics. Measured on our CPU (ResNet-56,
-        # bf16): 2.2x the plain-BN step time with hand-written mean/var/normalise, 1.1-1.2x this way.
+        # normalises each (group, channel) with its own statistics: on our CPU a fraction of the extra
+        # step time of hand-written mean/var/normalise (docs/speed.md, "BatchNorm over 64 images").
         side = x.unflatten(0, (groups, g)).transpose(0, 1).reshape(g, groups * c, h, w)
         tracking = self.track_running_stats
         mean, var = (self.running_mean.repeat(groups), self.running_var.repeat(groups)) if tracking else (None, None)

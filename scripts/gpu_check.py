@@ -9,8 +9,8 @@ It measures, within --budget-s seconds of wall time:
 
 1. the `cuda` tests (tests/test_cuda.py), with pytest's summary line;
 2. the training step of ResNet-56 at batch 128 in every variant (eager, compiled, compiled with
-   CUDA graphs; bf16, TF32, strict fp32; deterministic on and off), compile time apart from the
-   steady state; then the best one or two for ResNet-20 and ResNet-110;
+   CUDA graphs; bf16, TF32, strict fp32; deterministic on and off; BN over 64 images, the
+   paper's two GPUs), compile time apart from the steady state; then the best one or two for ResNet-20 and ResNet-110;
 3. a ResNet-56 run killed with SIGKILL mid-way and resumed, against an uninterrupted one, with
    `deterministic: true`: the same weights?
 4. k training processes on one GPU (k = 1, 2, 4, 8), images/s in all: what JOBS=auto should use;
@@ -168,13 +168,15 @@ def cuda_tests(check: Check, seconds: float) -> dict:
 
 # --- 2. step times ----------------------------------------------------------------------------------
 
-def variants(device: torch.device) -> dict[str, dict]:
+def variants(device: torch.device, batch: int) -> dict[str, dict]:
     """The engine's settings per variant (train.Config fields), most wanted first."""
     v = {"eager bf16": dict(compile=False, bf16=True),
          "compiled bf16": dict(compile=True, bf16=True),
          "compiled bf16 + CUDA graphs": dict(compile=True, cuda_graphs=True, bf16=True),
          "eager strict fp32": dict(compile=False, bf16=False, tf32=False),
          "eager tf32": dict(compile=False, bf16=False, tf32=True),
+         # the paper's two GPUs: BN over each half of the batch (64 images at batch 128)
+         f"eager bf16, BN over {batch // 2} images": dict(compile=False, bf16=True, bn_batch_size=batch // 2),
          "eager bf16, deterministic": dict(compile=False, bf16=True, deterministic=True),
          "compiled bf16, deterministic": dict(compile=True, bf16=True, deterministic=True)}
     if device.type != "cuda":  # no CUDA graphs or TF32 on a CPU: the dry run says so
@@ -242,7 +244,7 @@ def step_times(check: Check, seconds: float) -> dict:
         cost = compile_s * depth / main if settings.get("compile") else 5.0
         return not rows or time.monotonic() + cost < deadline
 
-    for name, settings in variants(check.device).items():
+    for name, settings in variants(check.device, check.sizes.batch).items():
         if not fits(main, settings):
             skipped.append(f"resnet-{main} {name}: does not fit the budget left")
             continue
@@ -254,10 +256,10 @@ def step_times(check: Check, seconds: float) -> dict:
     picks = list(dict.fromkeys(["eager bf16", *timed[:1]]))  # eager bf16 for the ratio, and the best
     for depth in check.sizes.others:
         for name in picks:
-            if not fits(depth, variants(check.device)[name]):
+            if not fits(depth, variants(check.device, check.sizes.batch)[name]):
                 skipped.append(f"resnet-{depth} {name}: does not fit the budget left")
                 continue
-            settings = variants(check.device)[name]
+            settings = variants(check.device, check.sizes.batch)[name]
             rows.append({"variant": name, **guarded(lambda: time_variant(check, depth, settings))})
     evals = guarded(lambda: eval_seconds(check, main))  # needed by the prediction: always
     return {"rows": rows, "skipped": skipped, "evaluation": evals}
