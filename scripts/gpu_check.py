@@ -10,7 +10,8 @@ It measures, within --budget-s seconds of wall time:
 1. the `cuda` tests (tests/test_cuda.py), with pytest's summary line;
 2. the training step of ResNet-56 at batch 128 in every variant (eager, compiled, compiled with
    CUDA graphs; bf16, TF32, strict fp32; deterministic on and off; BN over 64 images, the
-   paper's two GPUs), compile time apart from the steady state; then the best one or two for ResNet-20 and ResNet-110;
+   paper's two GPUs), compile time apart from the steady state; then the best one or two for
+   ResNet-20 and ResNet-110;
 3. a ResNet-56 run killed with SIGKILL mid-way and resumed, against an uninterrupted one, with
    `deterministic: true`: the same weights?
 4. k training processes on one GPU (k = 1, 2, 4, 8), images/s in all: what JOBS=auto should use;
