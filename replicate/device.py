@@ -74,13 +74,18 @@ def set_backends(device: torch.device, *, tf32: bool, deterministic: bool) -> No
     if device.type != "cuda":
         return
     if deterministic:
-        # cuBLAS is deterministic only with a fixed workspace; read when its handle is made, which
-        # is later, at the run's first matmul.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        fix_cublas_workspace()
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def fix_cublas_workspace() -> None:
+    """cuBLAS is deterministic only with a fixed workspace, which it reads when its first handle is
+    made (at a process's first matmul). A run sets it before then; a process that runs deterministic
+    steps after others (scripts/gpu_check.py, tests/test_cuda.py) calls this at its start."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 # Fewest iterations for which torch.compile pays, per device type. CPU: the compile (20-47 s with an

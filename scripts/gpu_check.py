@@ -45,9 +45,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# cuBLAS reads this when its first handle is made; the deterministic variants need it, and they
-# run after others in this process.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from replicate import bench, local  # noqa: E402
 from replicate import data as cifar  # noqa: E402
@@ -55,6 +52,8 @@ from replicate import device as dev  # noqa: E402
 from replicate import train as engine  # noqa: E402
 from replicate.models import record_responses  # noqa: E402
 from replicate.packed import PackedResNet, packed_loss  # noqa: E402
+
+dev.fix_cublas_workspace()  # the deterministic variants run after others in this process
 
 # The paper's grid: (arch, depth) of its 14 runs (ResNet-110 five times).
 GRID = [(a, d) for a in ("plain", "resnet") for d in (20, 32, 44, 56, 110)] + [("resnet", 110)] * 4

@@ -8,7 +8,6 @@ as a worker sees them.
 """
 
 import json
-import os
 import sys
 
 import pytest
@@ -16,13 +15,14 @@ import torch
 
 from replicate import data as cifar
 from replicate import local
+from replicate.device import fix_cublas_workspace
 from replicate.models import build, record_responses
 from replicate.tasks import Task, start
 from replicate.train import Config, evaluate, make_engine, train, train_step
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS handle exists in this process
+fix_cublas_workspace()  # before any cuBLAS handle exists in this process
 RUN = dict(arch="resnet", depth=20, batch_size=128, log_every=50, eval_every=100, checkpoint_every=100,
            device="cuda", compile=False)
 
