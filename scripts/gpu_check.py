@@ -244,7 +244,8 @@ def step_times(check: Check, seconds: float) -> dict:
         cost = compile_s * depth / main if settings.get("compile") else 5.0
         return not rows or time.monotonic() + cost < deadline
 
-    for name, settings in variants(check.device, check.sizes.batch).items():
+    table = variants(check.device, check.sizes.batch)
+    for name, settings in table.items():
         if not fits(main, settings):
             skipped.append(f"resnet-{main} {name}: does not fit the budget left")
             continue
@@ -256,10 +257,10 @@ def step_times(check: Check, seconds: float) -> dict:
     picks = list(dict.fromkeys(["eager bf16", *timed[:1]]))  # eager bf16 for the ratio, and the best
     for depth in check.sizes.others:
         for name in picks:
-            if not fits(depth, variants(check.device, check.sizes.batch)[name]):
+            settings = table[name]
+            if not fits(depth, settings):
                 skipped.append(f"resnet-{depth} {name}: does not fit the budget left")
                 continue
-            settings = variants(check.device, check.sizes.batch)[name]
             rows.append({"variant": name, **guarded(lambda: time_variant(check, depth, settings))})
     evals = guarded(lambda: eval_seconds(check, main))  # needed by the prediction: always
     return {"rows": rows, "skipped": skipped, "evaluation": evals}
