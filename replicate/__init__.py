@@ -4,6 +4,7 @@ Modules: `models` (plain and residual nets), `data` (CIFAR-10 on the device), `t
 paper's protocol). Import them by name, e.g. `from replicate.train import Config, train`.
 """
 
+import hashlib
 import subprocess
 from pathlib import Path
 
@@ -25,3 +26,22 @@ def code_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+modified" if changed.stdout.strip() else "")
+
+
+# The code a training run executes: the train stages' code dependencies in dvc.yaml (stage `check`
+# keeps the two lists equal). A checkpoint made by other code is not resumed (replicate/checkpoint.py).
+TRAINING_CODE = ("replicate/__init__.py", "replicate/batchnorm.py", "replicate/checkpoint.py", "replicate/data.py",
+                 "replicate/device.py", "replicate/models.py", "replicate/outputs.py", "replicate/train.py",
+                 "replicate/pipeline.py",
+                 "notebooks/train.ipynb")
+
+
+def code_fingerprint() -> str:
+    """sha256 (16 hex digits) of the training code's files, as DVC sees them: any edit changes it,
+    committed or not. The notebook counts where it exists (not in an installed package)."""
+    root, digest = Path(__file__).resolve().parent.parent, hashlib.sha256()
+    for name in TRAINING_CODE:
+        path = root / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]

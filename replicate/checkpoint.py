@@ -1,15 +1,20 @@
-"""Checkpoints: written atomically, read back onto the CPU, and resumed only by the same run.
+"""Checkpoints: written atomically, read back onto the CPU, and resumed only by what made them.
+
+A checkpoint records what made it (`made_by`: every config value that can change a result, the
+data's and the training code's fingerprints, the device type). A run resumes it only when all of
+these are unchanged; otherwise the run starts over and the stale checkpoint is moved aside, never
+deleted, so that a rerun after a change can never report the old numbers under the new labels.
 
 Resume is bitwise exact on a CPU at the same thread count, and on CUDA with `deterministic: true`
 (replicate/device.py). Elsewhere a resumed run continues the same experiment, but not bit for bit:
-cuDNN's benchmark picks its algorithms by timing, afresh in each process. A checkpoint made on
-another device type is refused.
+cuDNN's benchmark picks its algorithms by timing, afresh in each process.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +23,23 @@ import torch
 
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over the target:
-    a kill at any moment leaves either the old checkpoint or the new one, never half of one."""
+    a kill at any moment leaves either the old checkpoint or the new one, never half of one. A
+    failed write (a full disk) removes its temporary file and says what is intact."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) or isinstance(e.__context__, OSError):  # torch wraps ENOSPC in a RuntimeError
+            cause = e if isinstance(e, OSError) else e.__context__
+            kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+            raise OSError(cause.errno, f"could not write {path} ({cause.strerror or cause}); {kept}. Free space "
+                          f"in {path.parent}, then run again") from None
+        raise
 
 
 def load(path: Path) -> dict:
@@ -66,28 +81,43 @@ def set_rng_states(states: dict) -> None:
             torch.cuda.set_rng_state(state.cpu(), i)
 
 
-def check_same_run(saved: dict, ours: dict, protocol: tuple[str, ...], defaults: dict, path: Path) -> None:
-    """A checkpoint may only continue the same experiment on the same device type; say exactly
-    what differs. `saved` is the checkpoint; `ours` the run's config with its `device_type`."""
+def made_by(config: dict, data: str, code: str, device_type: str) -> dict:
+    """What made a run, as its checkpoint and run.json record it: the config values that can change
+    a result, the data's and the code's fingerprints, and the device type (the numerics differ)."""
+    return {"config": config, "data": data, "code": code, "device_type": device_type}
+
+
+IDENTITY = ("arch", "depth", "seed")  # the run itself: its folder's name
+
+
+def changes(saved: dict, ours: dict) -> list[str]:
+    """Why `saved` (a checkpoint) cannot continue the run that `ours` (made_by) describes: one
+    short phrase per difference; [] when it is this very run, unchanged."""
+    theirs = saved.get("made_by")
+    if theirs is None:
+        return ["provenance unknown (made before checkpoints recorded their data and code)"]
+    config = theirs["config"]
+    found = [f"{k} {config.get(k)!r} -> {v!r}" for k, v in ours["config"].items() if config.get(k) != v]
+    found += [f"{k} {config[k]!r} -> gone" for k in config if k not in ours["config"]]
+    found += [what for what in ("data", "code") if theirs[what] != ours[what]]
+    if theirs["device_type"] != ours["device_type"]:
+        found.append(f"device {theirs['device_type']} -> {ours['device_type']}")
+    return found
+
+
+def check_identity(saved: dict, ours: dict, path: Path) -> None:
+    """A checkpoint of another run (another net or seed) is another run's work: refuse to touch it."""
     config = saved["config"]
-    if (config["arch"], config["depth"], config["shortcut"]) != (ours["arch"], ours["depth"], ours["shortcut"]):
-        raise ValueError(
-            f"{path} is a checkpoint of {config['arch']}-{config['depth']} (shortcut {config['shortcut']}) "
-            f"but this run is {ours['arch']}-{ours['depth']} (shortcut {ours['shortcut']}): use another out_dir "
-            "or delete the checkpoint"
-        )
-    # A field newer than the checkpoint had its default when it was saved.
-    config = {k: config.get(k, defaults.get(k)) for k in protocol}
-    diff = {k: (config[k], ours[k]) for k in protocol if config[k] != ours[k]}
-    if diff:
-        raise ValueError(
-            f"{path} was trained with other settings {{name: (checkpoint, now)}} = {diff}: "
-            "delete the checkpoint to start over, or use another out_dir"
-        )
-    made_on = saved.get("device_type", ours["device_type"])  # checkpoints before the field: as now
-    if made_on != ours["device_type"]:
-        raise ValueError(
-            f"{path} was made on {made_on.upper()} but this run is on {ours['device_type'].upper()}: a run "
-            f"continues only on the device type it started on (the numerics differ). Run it on "
-            f"{made_on} (`device: {made_on}`), or delete the checkpoint to restart it here."
-        )
+    if any(config.get(k) != ours["config"][k] for k in IDENTITY):
+        theirs, now = ("-".join(str(c.get(k)) for k in IDENTITY) for c in (config, ours["config"]))
+        raise ValueError(f"{path} is the checkpoint of run {theirs}, not of {now}: give this run its own folder "
+                         f"(--out), or delete that checkpoint")
+
+
+def move_aside(path: Path, reasons: list[str]) -> Path:
+    """Rename a stale checkpoint so that it says when and why it was set aside; never delete it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    why = "+".join(sorted({r.split(" ", 1)[0] for r in reasons}))[:60]
+    aside = path.with_name(f"stale-{path.stem}-{stamp}-changed-{why}{path.suffix}")
+    os.replace(path, aside)
+    return aside

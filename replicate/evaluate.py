@@ -25,6 +25,7 @@ from . import weights as W
 from .device import native_bf16, pick_device, set_backends
 from .report import net_name
 from .train import evaluate as error_of
+from . import outputs
 
 # % test error above which a net whose input normalisation is a guess (no metadata, or overridden)
 # gets a hint to try the other one. Not near chance (90%): on the real 1017-image sample the port's
@@ -64,9 +65,8 @@ def locate(path: str) -> Source:
                                     "replicate.train or a weights file")
     w = W.read(p, numpy_globals())
     info = dict(w.meta)
-    metrics = p.parent / "metrics.json"
-    if w.kind == "state_dict" and metrics.is_file():
-        m = json.loads(metrics.read_text())
+    if w.kind == "state_dict" and (p.parent / "metrics.json").is_file():
+        m = outputs.read(p.parent)
         info = {**m.get("config", {}), **{k: v for k, v in m.items() if k != "config"}}
         w.meta = info
     if w.kind == "checkpoint":

@@ -30,6 +30,7 @@ from . import data as cifar
 from . import weights as W
 from .evaluate import training_mean
 from .report import PAPER_TABLE6, net_name, paper_text
+from . import outputs
 
 MANIFEST = "MANIFEST.json"
 HUB_ENTRY_POINTS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
@@ -50,11 +51,7 @@ def find_runs(results: Path) -> tuple[list[tuple[Path, dict]], list[dict]]:
         if not (folder / "metrics.json").is_file():
             left.append({"run": run, "reason": "unfinished: checkpoint.pt but no metrics.json yet"})
             continue
-        try:
-            m = json.loads((folder / "metrics.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{folder / 'metrics.json'} is not valid JSON ({e}): the run's outputs are damaged; "
-                             "delete the run folder's metrics.json and model.pt to train it again") from None
+        m = outputs.read(folder)
         planned = m.get("config", {}).get("iterations")
         if m.get("diverged"):
             left.append({"run": run, "reason": f"diverged at iteration {m.get('diverged_at')}"})

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from . import TRAINING_CODE
 from . import data as cifar
 from .train import NO_EFFECT, Config, type_errors
 
@@ -209,6 +210,9 @@ def check_dvc_yaml(params: dict, dvc_yaml: str | Path) -> None:
         spec = stages[stage].get("do", stages[stage])
         differ("declare exactly the params it reads (pipeline.stage_params)", stage,
                spec.get("params", []), stage_params(params, stage))
+    for stage in ("train", "quick"):  # a checkpoint made by other code is not resumed: DVC must rerun it too
+        code = [d for d in stages[stage]["do"].get("deps", []) if d.startswith(("replicate/", "notebooks/"))]
+        differ("depend on exactly the training code (replicate.TRAINING_CODE)", stage, code, list(TRAINING_CODE))
 
 
 def notebook_parameters(params: dict, run: Run, data_root: str, out_dir: str, profile: str = "paper") -> dict:

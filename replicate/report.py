@@ -1,10 +1,10 @@
 """The paper's CIFAR-10 results from our runs: Table 6 and Figures 1, 6 and 7, beside the paper's.
 
-Everything here reads run folders as `replicate.train` writes them (metrics.json, history.csv,
-responses.csv) and returns pandas frames, matplotlib Figures or strings; `notebooks/report.ipynb`
+Everything here reads run folders as `replicate.train` writes them (metrics.json and run.json,
+history.csv, responses.csv) and returns pandas frames, matplotlib Figures or strings; `notebooks/report.ipynb`
 only calls these and saves what they return. Our numbers are always computed from the runs. The
 paper's and other replications' numbers are the constants below and only ever appear beside ours.
-A run is identified by the arch, depth, shortcut and seed in its metrics.json, never by its folder
+A run is identified by the arch, depth, shortcut and seed in its run.json, never by its folder
 name. Figures are built on `matplotlib.figure.Figure` (not pyplot), so nothing is shown twice in
 a notebook and nothing piles up in pyplot's registry.
 """
@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator
 
 from . import code_commit
 from .models import ARCHS, build
+from . import outputs
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)   # the grid the table always lists, run or not
 RUN_KEYS = ["arch", "depth", "shortcut", "seed"]
@@ -96,9 +97,10 @@ def collect(results_dir: str | Path, names: list[str] | None = None) -> Runs:
     rows, hists, resps = [], [], []
     found = sorted(root.rglob("metrics.json")) if names is None else [root / n / "metrics.json" for n in names]
     for path in (p for p in found if p.is_file()):
-        m = json.loads(path.read_text())
+        m = outputs.read(path.parent)
         if not {"arch", "depth", "seed"} <= set(m):
-            raise ValueError(f"{path} is not a training run's metrics.json (it lacks arch, depth or seed)")
+            raise ValueError(f"{path.parent} is not a training run's folder: its run.json (or metrics.json) names no "
+                             "arch, depth or seed")
         key = {"arch": m["arch"], "depth": int(m["depth"]), "shortcut": m.get("shortcut", "A"), "seed": int(m["seed"])}
         rows.append({**key, "params": m.get("params"), "iterations": m.get("iterations"),
                      "train_error": m.get("train_error"), "test_error": m.get("test_error"),

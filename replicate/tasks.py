@@ -5,7 +5,6 @@ readable view of them all (`View`). The local grid (replicate/local.py) and the 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .pipeline import Run
+from . import outputs
 
 
 @dataclass
@@ -74,10 +74,11 @@ def outcome(task: Task, code: int | None) -> str:
     """What a finished run came to: diverged runs are results, not failures."""
     if code != 0:
         return f"exit {code}" if code is not None else "the Slurm job failed"
-    metrics = task.log.parent / "metrics.json"
     try:
-        m = json.loads(metrics.read_text())
-    except (OSError, ValueError):
+        m = outputs.read(task.log.parent)
+    except ValueError:
+        return ""
+    if "diverged" not in m:
         return ""
     if m.get("diverged"):
         return f"diverged at iteration {m.get('diverged_at')} (recorded: a result, not a failure)"

@@ -24,17 +24,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint, code_commit
+from . import checkpoint, code_commit, code_fingerprint, outputs
 from . import data as cifar
 from .device import compile_pays, device_name, native_bf16, pick_device, precision, set_backends
 from .models import build, check_depth, record_responses
 
 CHECKPOINT = "checkpoint.pt"
-# Fields that define the experiment: a checkpoint may only be resumed by the same ones.
-# (log_every too: the warm-up is judged, and the saved partial interval sized, per log interval.)
-PROTOCOL = ("arch", "depth", "shortcut", "seed", "milestones", "lr", "lr_ramp", "batch_size", "bn_batch_size",
-            "momentum", "weight_decay", "warmup", "warmup_lr", "warmup_until", "val_size", "log_every")
-# Fields that cannot change a run's results (resume is exact): a change reruns no DVC stage.
+# Fields that cannot change a run's results (resume is exact): a change reruns no DVC stage, and a
+# checkpoint made with another value is still resumed. Every other field is part of what made a run.
 NO_EFFECT = ("checkpoint_every",)
 
 
@@ -251,11 +248,14 @@ def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path 
     responses.csv (Fig. 7) and model.pt (final weights). `dataset` replaces `data_root` in tests.
     """
     clock = time.perf_counter()
-    engine = make_engine(cfg, dataset if dataset is not None else cifar.load_cifar10(data_root))
+    dataset = dataset if dataset is not None else cifar.load_cifar10(data_root)
+    engine = make_engine(cfg, dataset)
+    made = checkpoint.made_by({k: v for k, v in dataclasses.asdict(cfg).items() if k not in NO_EFFECT},
+                              cifar.fingerprint(dataset), code_fingerprint(), engine.device.type)
     tests = EvalSets(engine, cfg)
     out = Path(out_dir) if out_dir is not None else None
     ckpt = out / CHECKPOINT if out is not None else None
-    state = resume(engine, cfg, ckpt) if ckpt is not None and ckpt.exists() else new_state(cfg)
+    state = resume(engine, cfg, ckpt, made) if ckpt is not None and ckpt.exists() else new_state(cfg)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     interval = state["interval"].to(engine.device)  # each iteration's loss and errors, read once per interval
@@ -279,10 +279,10 @@ def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path 
             state.update(iteration=it, interval=interval.cpu(), seconds=state["seconds"] + now - clock)
             clock = now
             if ckpt is not None:
-                save(engine, cfg, state, ckpt)
+                save(engine, cfg, state, made, ckpt)
     bar.close()
     state["seconds"] += time.perf_counter() - clock
-    result = final_result(engine, cfg, state)
+    result = final_result(engine, cfg, state, made)
     if out is not None:
         write_outputs(out, result)
     return result
@@ -294,12 +294,18 @@ def new_state(cfg: Config) -> dict:
             "interval": torch.zeros(2, cfg.log_every)}
 
 
-def resume(engine: Engine, cfg: Config, path: Path) -> dict:
-    """Load `path` into the engine, if it is a checkpoint of this very run; its saved state."""
+def resume(engine: Engine, cfg: Config, path: Path, made: dict) -> dict:
+    """Load `path` into the engine if the same run, data, code and settings (`made`) made it, and
+    return its saved state. A checkpoint of this run made otherwise is stale: moved aside, and the
+    run starts over. Another run's checkpoint is refused (checkpoint.check_identity)."""
     saved = checkpoint.load(path)
-    ours = {**dataclasses.asdict(cfg), "device_type": engine.device.type}
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    checkpoint.check_same_run(saved, ours, PROTOCOL, defaults, path)
+    checkpoint.check_identity(saved, made, path)
+    stale = checkpoint.changes(saved, made)
+    if stale:
+        aside = checkpoint.move_aside(path, stale)
+        print(f"{path} was made otherwise ({'; '.join(stale)}): moved aside to {aside.name}, "
+              "training from iteration 0", flush=True)
+        return new_state(cfg)
     engine.model.load_state_dict(saved["model"])
     engine.optimizer.load_state_dict(saved["optimizer"])  # moves its state to the parameters' device
     engine.scheduler.load_state_dict(saved["scheduler"])
@@ -309,8 +315,8 @@ def resume(engine: Engine, cfg: Config, path: Path) -> dict:
     return state
 
 
-def save(engine: Engine, cfg: Config, state: dict, path: Path) -> None:
-    checkpoint.save_atomic({"config": dataclasses.asdict(cfg), "device_type": engine.device.type,
+def save(engine: Engine, cfg: Config, state: dict, made: dict, path: Path) -> None:
+    checkpoint.save_atomic({"config": dataclasses.asdict(cfg), "made_by": made, "device_type": engine.device.type,
                             "model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict(),
                             "scheduler": engine.scheduler.state_dict(), "rng": checkpoint.rng_states(),
                             "state": state}, path)
@@ -363,8 +369,8 @@ def log_interval(engine: Engine, cfg: Config, tests: EvalSets, state: dict, inte
     return {**shown, "test_err": f"{row['test_error']:.1f}" if row["test_error"] == row["test_error"] else "-"}
 
 
-def final_result(engine: Engine, cfg: Config, state: dict) -> Result:
-    """The run's final numbers (the final iteration's, never the best) and where it ran."""
+def final_result(engine: Engine, cfg: Config, state: dict, made: dict) -> Result:
+    """The run's final numbers (the final iteration's, never the best), and what made them."""
     history = pd.DataFrame(state["history"])
     last = state["history"][-1] if state["history"] else {}
     diverged = state["diverged_at"] is not None
@@ -383,6 +389,7 @@ def final_result(engine: Engine, cfg: Config, state: dict) -> Result:
         "precision": engine.precision,
         "train_images": len(ds.train_y), "test_images": len(ds.test_y),
         "torch": torch.__version__, "commit": code_commit(), "config": dataclasses.asdict(cfg),
+        "made_by": made,
     }
     if cfg.val_size:
         metrics["val_error"] = None if diverged else last.get("val_error")
@@ -391,8 +398,8 @@ def final_result(engine: Engine, cfg: Config, state: dict) -> Result:
 
 
 def write_outputs(out: Path, result: Result) -> None:
-    """The run's results in the layout the pipeline and the report read."""
-    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
+    """The run's results in the layout the pipeline and the report read (replicate/outputs.py)."""
+    outputs.write(out, result.metrics)
     result.history.to_csv(out / "history.csv", index=False)
     responses = result.responses
     pd.DataFrame({"layer": range(1, len(responses) + 1), "std": responses}).to_csv(out / "responses.csv", index=False)
@@ -423,9 +430,9 @@ def main(argv: list[str] | None = None) -> None:
     values.update({k: v for k, v in args.items() if v is not None})
     try:
         result = train(Config.from_dict(values), data_root, out)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(json.dumps({k: v for k, v in result.metrics.items() if k != "config"}, indent=2))
+    print(json.dumps({k: v for k, v in result.metrics.items() if k not in ("config", "made_by")}, indent=2))
 
 
 if __name__ == "__main__":

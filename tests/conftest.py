@@ -1,7 +1,6 @@
 """Shared fixtures: small CIFAR-10 data in the official layout, made on the fly (no downloads,
 nothing from outside the repository)."""
 
-import io
 import tarfile
 from pathlib import Path
 

@@ -13,6 +13,7 @@ from replicate import data as cifar
 from replicate import evaluate, weights
 from replicate import train as engine
 from replicate.models import build
+from replicate.outputs import read as read_outputs
 from replicate.train import Config, train
 
 from conftest import ROOT, train_until_first_checkpoint
@@ -32,7 +33,7 @@ def runs(tmp_path_factory, small_dataset):
 
 
 def metrics(run):
-    return json.loads((run / "metrics.json").read_text())
+    return read_outputs(run)
 
 
 def foreign(state_dict: dict) -> dict:
@@ -165,7 +166,7 @@ def test_bad_input_is_one_line_naming_the_file_and_the_fix(tmp_path, runs, cifar
 def test_depth_and_arch_contradicting_the_tensors_are_refused(runs, tmp_path, cifar_root):
     run = tmp_path / "run"
     shutil.copytree(runs / "done", run)
-    m = metrics(run)
-    (run / "metrics.json").write_text(json.dumps({**m, "depth": 20}))
+    m = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**m, "depth": 20}))
     with pytest.raises(SystemExit, match=r"error: .*model.pt says depth 20 but its tensors are of depth 8"):
         evaluate.main([str(run), "--data", str(cifar_root)])

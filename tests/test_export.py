@@ -19,6 +19,7 @@ from replicate import data as cifar
 from replicate import export, weights
 from replicate import train as engine
 from replicate.models import build
+from replicate.outputs import read as read_outputs
 from replicate.train import Config, train
 
 from conftest import ROOT, train_until_first_checkpoint
@@ -44,8 +45,8 @@ def grid(tmp_path_factory, small_dataset):
     train_until_first_checkpoint(Config(arch="resnet", seed=2, **TINY), results / "resnet-8-2", small_dataset)
     short = results / "resnet-8-3"
     shutil.copytree(results / "resnet-8-0", short)
-    m = json.loads((short / "metrics.json").read_text())
-    (short / "metrics.json").write_text(json.dumps({**m, "seed": 3, "iterations": 3}))
+    m = json.loads((short / "run.json").read_text())
+    (short / "run.json").write_text(json.dumps({**m, "seed": 3, "iterations": 3}))
     shutil.copytree(results / "resnet-8-0", results / "quick" / "resnet-8-0")
     return results
 
@@ -66,7 +67,7 @@ def manifest(zoo):
 
 
 def metrics(folder):
-    return json.loads((folder / "metrics.json").read_text())
+    return read_outputs(folder)
 
 
 def test_finished_runs_are_exported_and_the_others_listed_with_why(grid, zoo):

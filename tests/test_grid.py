@@ -3,9 +3,7 @@ runs side by side with failures (tests/test_repro.py runs the real grid end to e
 
 import io
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 import pytest

@@ -4,7 +4,6 @@ papermill injects the parameters (--prepare-only: nothing runs), then `pytest --
 the prepared copy in a temporary folder, as its own pytest session. Executed notebooks under
 results/ are never collected: only notebooks/*.ipynb are."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 
 from replicate import data as cifar
 from replicate import pipeline
+from replicate.outputs import read as read_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -68,7 +68,7 @@ def check_train_outputs(out: Path) -> None:
     """The run the notebook made is the one its parameters describe, and it left every output."""
     for name in ("metrics.json", "history.csv", "responses.csv", "model.pt", "checkpoint.pt"):
         assert (out / name).is_file(), name
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = read_outputs(out)
     # every parameter reached the Config: a name the notebook forgot to pass would keep its default
     assert {k: metrics["config"][k] for k in TINY_TRAIN} == TINY_TRAIN
     assert (metrics["iterations"], metrics["diverged"], metrics["device"]) == (12, False, "cpu")
@@ -85,7 +85,7 @@ def test_diverged_run_ends_its_stage_with_metrics_that_say_so(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     cifar.write_cifar10(tmp_path / "cifar", cifar.synthetic(160, 40, seed=3))
     pipeline.main(["--params", str(tmp_path / "params.yaml"), "train", "--run", "plain-8-0", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "cifar")])
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = read_outputs(tmp_path / "run")
     assert metrics["diverged"] is True and metrics["diverged_at"] <= 12
     assert metrics["test_error"] is None and metrics["train_error"] is None
     executed = nbformat.read(tmp_path / "run" / "train.ipynb", as_version=4)

@@ -32,6 +32,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from replicate import pipeline, report  # noqa: E402
+from replicate.outputs import METRIC_KEYS  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RUNS = FIXTURES / "runs"
@@ -42,7 +43,9 @@ PAPER_GRID = [f"{n}-{d}" for n in ("plain", "ResNet") for d in (20, 32, 44, 56, 
 
 
 def raw_metrics() -> pd.DataFrame:
-    return pd.DataFrame([json.loads(p.read_text()) for p in sorted(RUNS.glob("*/metrics.json"))])
+    """Each fixture run's metrics.json and run.json, read as plain JSON."""
+    return pd.DataFrame([{**json.loads((p.parent / "run.json").read_text()), **json.loads(p.read_text())}
+                         for p in sorted(RUNS.glob("*/metrics.json"))])
 
 
 def results(tmp_path: Path, names: list[str]) -> Path:
@@ -57,8 +60,9 @@ def results(tmp_path: Path, names: list[str]) -> Path:
 def fake_run(root: Path, source: str, name: str, **changes) -> None:
     """A run folder copied from a fixture run with some metrics changed (e.g. another depth)."""
     shutil.copytree(RUNS / source, root / name)
-    path = root / name / "metrics.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    for file, keys in (("metrics.json", METRIC_KEYS), ("run.json", set(changes) - set(METRIC_KEYS))):
+        path = root / name / file
+        path.write_text(json.dumps({**json.loads(path.read_text()), **{k: changes[k] for k in keys if k in changes}}))
 
 
 def legend(ax) -> dict[str, tuple]:

@@ -22,6 +22,7 @@ import yaml
 from conftest import make_tarball
 from replicate import data as cifar
 from replicate import pipeline
+from replicate.outputs import read as read_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -102,7 +103,7 @@ def test_grid_trains_every_run_two_at_a_time_then_the_report(grid_project):
     assert "4 runs of profile paper: 0 up to date, 4 to train (2 at a time: OMP_NUM_THREADS=" in first.stdout
     for name in GRID:
         out = project / "results" / name
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = read_outputs(out)
         arch, depth, seed = name.split("-")
         assert (metrics["arch"], metrics["depth"], metrics["seed"]) == (arch, int(depth), int(seed))
         assert (metrics["iterations"], metrics["diverged"], metrics["device"]) == (20, False, "cpu")
@@ -175,9 +176,9 @@ def test_quick_profile_keeps_its_runs_and_report_apart(grid_project):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 runs of profile quick: 0 up to date, 2 to train" in done.stdout
     for name in QUICK:
-        metrics = json.loads((project / "results" / "quick" / name / "metrics.json").read_text())
+        metrics = read_outputs(project / "results" / "quick" / name)
         assert metrics["iterations"] == 12 and metrics["config"]["milestones"] == [6, 9]
-        paper_run = json.loads((project / "results" / name / "metrics.json").read_text())
+        paper_run = read_outputs(project / "results" / name)
         assert metrics["config"]["lr_ramp"] == 2 and paper_run["config"]["lr_ramp"] == 0  # quick.train's, not train's
         history = pd.read_csv(project / "results" / "quick" / name / "history.csv")
         assert history["test_error"].notna().tolist() == [False, True, False, True]
@@ -236,7 +237,7 @@ def test_grid_killed_with_sigkill_resumes_and_ends_identical(grid_project):
     project, _ = grid_project
     out = project / "results" / "resnet-8-0"
     reference = {k: v.clone() for k, v in torch.load(out / "model.pt").items()}
-    ref_metrics = json.loads((out / "metrics.json").read_text())
+    ref_metrics = read_outputs(out)
     ref_history = pd.read_csv(out / "history.csv")
 
     (out / "checkpoint.pt").unlink()  # the stage's persisted output: now it has to train again
@@ -262,7 +263,7 @@ def test_grid_killed_with_sigkill_resumes_and_ends_identical(grid_project):
     weights = torch.load(out / "model.pt")
     assert weights.keys() == reference.keys()
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = read_outputs(out)
     assert metrics["seconds"] > 1e6, "the stage did not resume from the checkpoint"
     assert {k: v for k, v in metrics.items() if k != "seconds"} == {k: v for k, v in ref_metrics.items() if k != "seconds"}
     pd.testing.assert_frame_equal(pd.read_csv(out / "history.csv"), ref_history)
@@ -310,7 +311,7 @@ def test_make_repro_offline(tmp_path, tarball):
     shutil.copy(tarball, target)  # a good copy, by hand: used, with no download (there is none)
     good = make_repro(project)
     assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-3000:]
-    assert json.loads((project / "results" / "resnet-8-0" / "metrics.json").read_text())["iterations"] == 10
+    assert read_outputs(project / "results" / "resnet-8-0")["iterations"] == 10
     assert pin.read_text() == pinned
 
     # `dvc repro` without make: stage `prepare` itself refuses a tarball without the pinned md5

@@ -8,7 +8,6 @@ up DIR, then SLURM_CONF set); these tests fail without it, and `make test` leave
    stage preempted once: dvc.lock complete, `dvc status` clean, the report built.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -29,6 +28,7 @@ from test_repro import ENV, copy_project, set_params
 from replicate import data as cifar
 from replicate import pipeline, slurm
 from replicate.tasks import Task, View
+from replicate.outputs import read as read_outputs
 
 pytestmark = pytest.mark.slurm
 
@@ -245,7 +245,7 @@ def test_make_repro_on_slurm_with_a_preempted_stage(tmp_path, cluster):
     assert "Data and pipelines are up to date." in subprocess.run(
         [sys.executable, "-m", "dvc", "status", "report"], cwd=project, capture_output=True, text=True).stdout
     for run in GRID:
-        metrics = json.loads((project / "results" / run / "metrics.json").read_text())
+        metrics = read_outputs(project / "results" / run)
         assert metrics["iterations"] == 400 and not metrics["diverged"]
         assert metrics["threads"] == 1  # cpus_per_task: torch would otherwise take every core of the node
     table = (project / "reports" / "table6.md").read_text()
