@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from . import data as cifar
-from .train import NO_EFFECT, Config, type_errors
+from .train import NO_EFFECT, Config, did_you_mean, type_errors
 
 PARAMS = "params.yaml"
 NOTEBOOK = "notebooks/train.ipynb"
@@ -130,8 +130,8 @@ def check(params: dict, notebook: str | Path | None = NOTEBOOK, dvc_yaml: str | 
     reads (DVC cannot derive either from params.yaml, so dvc.yaml spells them out). Returns the
     paper's runs.
     """
-    problems = [f"  {where} {e}" for where, e in section_type_errors(params)]
-    if not problems:  # a wrong type is named once, not once per run
+    problems = [f"  {where} {e}" for where, e in section_errors(params)]
+    if not problems:  # an unknown key or a wrong type is named once, not once per run
         problems = run_problems(params)
     if problems:
         raise ValueError("params.yaml: invalid value(s) or run(s), nothing was trained:\n" + "\n".join(problems))
@@ -162,10 +162,22 @@ def run_problems(params: dict) -> list[str]:
     return problems
 
 
-def section_type_errors(params: dict) -> list[tuple[str, str]]:
-    """(params.yaml key, problem) for every protocol value of the wrong type, each named once."""
+def section_errors(params: dict) -> list[tuple[str, str]]:
+    """(params.yaml key, problem) for every unknown protocol key and every value of the wrong type,
+    each named once, with the closest known key rather than the whole list."""
     quick = params["quick"].get("train") or {}
-    found = [(f"train.{k}", p) for k, p in type_errors(params["train"])]
+    fields = {f.name for f in dataclasses.fields(Config)} - {"arch", "depth", "seed"}
+    found = []
+    for section, values in (("train", params["train"]), ("quick.train", quick)):
+        for key in values:
+            if key in ("arch", "depth", "seed"):
+                found.append((f"{section}.{key}", "belongs in the run names of the grid (<arch>-<depth>-<seed>)"))
+            elif key not in fields:
+                found.append((f"{section}.{key}",
+                              f"is not a training parameter (replicate.train.Config){did_you_mean(key, sorted(fields))}"))
+            elif section == "quick.train" and key not in params["train"]:
+                found.append((f"quick.train.{key}", "replaces a key that train does not have: add it to train too"))
+    found += [(f"train.{k}", p) for k, p in type_errors(params["train"])]
     return found + [(f"quick.train.{k}", p) for k, p in type_errors(quick)]
 
 

@@ -166,12 +166,15 @@ def test_malformed_grid_is_refused(params, grid, error):
 
 
 def test_check_refuses_unknown_train_keys_and_notebook_drift(params, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown training parameter\(s\) \['lr_decay'\]"):
+    with pytest.raises(ValueError, match=r"train\.lr_decay is not a training parameter"):
         pipeline.check({**params, "train": {**params["train"], "lr_decay": 0.1}}, notebook=None)
     with pytest.raises(ValueError, match="belongs in the run names"):
         pipeline.check({**params, "train": {**params["train"], "depth": 20}}, notebook=None)
-    with pytest.raises(ValueError, match=r"quick.train sets \['iters'\]"):
+    with pytest.raises(ValueError, match=r"quick\.train\.iters is not a training parameter.*did you mean 'iterations'"):
         pipeline.check({**params, "quick": {**params["quick"], "train": {"iters": 10}}}, notebook=None)
+    no_lr = {k: v for k, v in params["train"].items() if k != "lr"}
+    with pytest.raises(ValueError, match=r"quick\.train\.lr replaces a key that train does not have"):
+        pipeline.check({**params, "train": no_lr, "quick": {**params["quick"], "train": {"lr": 0.2}}}, notebook=None)
     nb = json.loads((ROOT / "notebooks" / "train.ipynb").read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     cell["source"] = [line for line in cell["source"] if not line.startswith("protocol")]

@@ -150,10 +150,18 @@ def test_a_finished_run_can_be_extended(tmp_path, small_dataset):
     (dict(milestones=[48_000, 32_000]), "milestones must be increasing"),
     (dict(lr_ramp=-1), "lr_ramp must be 0"),
     (dict(learning_rate=0.1), "unknown training parameter.*learning_rate"),
+    (dict(iterations=720, milestones=[360], lr_ramp=800),
+     "lr_ramp must be less than iterations, got lr_ramp 800 and iterations 720"),
 ])
 def test_bad_config_is_rejected_before_training(values, match):
     with pytest.raises(ValueError, match=match):
         Config.from_dict(values)
+
+
+def test_an_unknown_parameter_is_named_with_the_closest_known_one_not_the_whole_list():
+    with pytest.raises(ValueError) as e:
+        Config.from_dict({"iteration": 720})
+    assert str(e.value) == "unknown training parameter 'iteration'; did you mean 'iterations'?"
 
 
 def test_missing_data_root_is_reported_by_train(tmp_path):
