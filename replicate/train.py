@@ -425,13 +425,16 @@ def main(argv: list[str] | None = None) -> None:
                        type=kind.get(f.name, type(f.default) if f.default is not dataclasses.MISSING else str))
     args = vars(p.parse_args(argv))
     values = {}
-    params = args.pop("params")
-    if params:
-        import yaml
-        values.update(yaml.safe_load(Path(params).read_text())["train"])
-    data_root, out = args.pop("data"), args.pop("out")
-    values.update({k: v for k, v in args.items() if v is not None})
+    params, data_root, out = args.pop("params"), args.pop("data"), args.pop("out")
     try:
+        if params:
+            from .pipeline import load_yaml  # here: pipeline imports this module
+
+            section = (load_yaml(params) or {}).get("train")
+            if not isinstance(section, dict):
+                raise ValueError(f"{params} has no train section (see params.yaml)")
+            values.update(section)
+        values.update({k: v for k, v in args.items() if v is not None})
         result = train(Config.from_dict(values), data_root, out)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

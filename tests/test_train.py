@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -191,6 +192,13 @@ def test_cli_trains_from_params_file(tmp_path, cifar_root, capsys):
                  "--arch", "plain", "--depth", "8"])
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (m["arch"], m["depth"], m["iterations"], m["config"]["milestones"]) == ("plain", 8, 20, [10])
+
+
+def test_cli_names_a_tab_in_the_params_file_without_a_traceback(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  iterations: 20\n\tlr: 0.1\n")
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(params))}, line 3, column 1: .*YAML indents with spaces, never tabs"):
+        engine.main(["--params", str(params)])
 
 
 def test_bf16_steps_keep_weights_and_bn_statistics_in_fp32(small_dataset, monkeypatch):
