@@ -193,8 +193,8 @@ def section_errors(params: dict) -> list[tuple[str, str]]:
             if key in ("arch", "depth", "seed"):
                 found.append((f"{section}.{key}", "belongs in the run names of the grid (<arch>-<depth>-<seed>)"))
             elif key not in fields:
-                found.append((f"{section}.{key}",
-                              f"is not a training parameter (replicate.train.Config){did_you_mean(key, sorted(fields))}"))
+                hint = did_you_mean(key, sorted(fields))
+                found.append((f"{section}.{key}", f"is not a training parameter (replicate.train.Config){hint}"))
             elif section == "quick.train" and key not in params["train"]:
                 found.append((f"quick.train.{key}", "replaces a key that train does not have: add it to train too"))
     found += [(f"train.{k}", p) for k, p in type_errors(params["train"])]

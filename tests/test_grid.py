@@ -162,7 +162,7 @@ def test_ctrl_c_names_the_command_of_the_profile_being_run(tmp_path):
 def test_the_grid_passes_its_profiles_command_to_the_local_runs(monkeypatch, profile, command):
     seen = {}
 
-    def run_local(tasks, root, view, pins, again):
+    def run_local(tasks, root, view, pins, again=None):
         seen["again"] = again
         return {t.run: 0 for t in tasks}
     monkeypatch.chdir(Path(__file__).resolve().parents[1])

@@ -197,7 +197,8 @@ def test_cli_trains_from_params_file(tmp_path, cifar_root, capsys):
 def test_cli_names_a_tab_in_the_params_file_without_a_traceback(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  iterations: 20\n\tlr: 0.1\n")
-    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(params))}, line 3, column 1: .*YAML indents with spaces, never tabs"):
+    want = rf"^error: {re.escape(str(params))}, line 3, column 1: .*YAML indents with spaces, never tabs"
+    with pytest.raises(SystemExit, match=want):
         engine.main(["--params", str(params)])
 
 
