@@ -168,15 +168,18 @@ def check(params: dict, notebook: str | Path | None = NOTEBOOK, dvc_yaml: str | 
 
 
 def run_problems(params: dict) -> list[str]:
-    """One line per run of either profile that is not a valid Config."""
+    """One line per problem of the runs of either profile that are not a valid Config, naming the
+    runs it concerns (`lr_ramp: 800` of 720 iterations: one line, not one per quick run)."""
     problems = []
     for name, profile in PROFILES.items():
         try:
+            found: dict[str, list[str]] = {}
             for run in runs(params, name):
                 try:
                     config(params, run, name)
                 except (ValueError, TypeError) as e:
-                    problems.append(f"  {profile.stage}@{run.name}: {e}")
+                    found.setdefault(str(e), []).append(f"{profile.stage}@{run.name}")
+            problems += [f"  {', '.join(stages)}: {e}" for e, stages in found.items()]
         except ValueError as e:
             problems.append(f"  {e}")
     return problems

@@ -197,6 +197,16 @@ def test_an_unknown_key_is_named_once_per_section_with_the_closest_known_key(par
                      "did you mean 'iterations'?"]
 
 
+def test_a_problem_shared_by_runs_is_one_line_naming_them(params):
+    """lr_ramp longer than the quick look's iterations was accepted; then named once per quick run."""
+    bad = {**params, "quick": {**params["quick"], "train": {**params["quick"]["train"], "lr_ramp": 800}}}
+    with pytest.raises(ValueError) as e:
+        pipeline.check(bad, notebook=None)
+    assert str(e.value).splitlines()[1:] == [
+        "  quick@plain-20-0, quick@plain-56-0, quick@resnet-20-0, quick@resnet-56-0: lr_ramp must be less than "
+        "iterations, got lr_ramp 800 and iterations 720: shorten the ramp (0: none, the paper's) or lengthen the run"]
+
+
 def test_a_tab_in_params_yaml_is_one_line_naming_the_file_and_place(tmp_path, capsys):
     """It was a 55-line PyYAML traceback that never named params.yaml."""
     text = (ROOT / "params.yaml").read_text().replace("\n  lr: 0.1", "\n\tlr: 0.1")
