@@ -6,7 +6,18 @@ paper's protocol). Import them by name, e.g. `from replicate.train import Config
 
 import hashlib
 import subprocess
+import sys
 from pathlib import Path
+
+try:  # every DVC stage is `python -m replicate...`: a `python` without torch must say why at once
+    import torch  # noqa: F401
+except ModuleNotFoundError as e:
+    if e.name != "torch":
+        raise
+    raise SystemExit(
+        f"error: torch is not installed for {sys.executable}: run DVC from the project's environment "
+        "(`source .venv/bin/activate`, made by `make install`), then `dvc repro` again; `dvc checkout` "
+        "brings back the outputs a failed stage removed.") from None
 
 __version__ = "0.1.0"
 

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TARBALL = "cifar-10-python.tar.gz"
@@ -148,24 +149,51 @@ def download(root: str | Path, url: str = URL, md5: str = MD5) -> Path:
     return path
 
 
-def prepare(tarball: str | Path, root: str | Path, md5: str = MD5) -> Path:
+def md5_mismatch(tarball: str | Path, got: str, expected: str, pinned: str | None = None) -> str:
+    """Why a tarball with md5 `got` fails data.md5 (`expected`). A mistyped data.md5 is as likely
+    as a bad tarball, and deleting a good one offline loses the only copy: a tarball that is the
+    pinned (data.dvc) or the official one is never called corrupt."""
+    head = f"{tarball} has md5 {got}, expected {expected} (data.md5 in params.yaml)."
+    if got == pinned:
+        official = "" if got == MD5 else f" (the official CIFAR-10 tarball's is replicate.data.MD5, {MD5})"
+        return (f"{head} The tarball is the one data.dvc pins, so data.md5 is wrong: set it back to {got} in "
+                f"params.yaml{official}; keep the tarball.")
+    if got == MD5:
+        return (f"{head} The tarball is the official CIFAR-10 one (replicate.data.MD5), not a corrupt file: keep "
+                f"it. If you edited data.md5, set it back to {MD5}; if not, put the tarball with md5 {expected} "
+                f"in its place.")
+    pin = f"{pinned}, the md5 data.dvc pins; " if pinned and pinned != expected else ""
+    return (f"{head} Either data.md5 was edited: put back the right one ({pin}the official CIFAR-10 tarball's "
+            f"is replicate.data.MD5, {MD5}). Or data.md5 is right and the tarball is corrupt, truncated or "
+            f"another file: only then delete it and run `make repro` to fetch it again.")
+
+
+def pinned_md5(tarball: str | Path) -> str | None:
+    """The md5 that data.dvc (beside data/, where DVC's stages run) pins for `tarball`, if it pins it."""
+    tarball = Path(tarball)
+    pin = tarball.parent.parent / "data.dvc"
+    try:
+        out = yaml.safe_load(pin.read_text())["outs"][0]
+        return out["md5"] if (pin.parent / out["path"]).resolve() == tarball.resolve() else None
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
+        return None
+
+
+def prepare(tarball: str | Path, root: str | Path, md5: str = MD5, pinned: str | None = None) -> Path:
     """Check the tarball's md5, then extract `cifar-10-batches-py/` into `root`.
 
     A tarball is untrusted input, and tarfile's `filter="data"` exists only from Python 3.11.4
     (Debian 12 has 3.11.2), so nothing is extracted by tarfile itself: every member is checked
     first (`safe_members`), then only the batch files are copied out of it. They go to a temporary
     folder beside the target, renamed into place at the end, so a failure never leaves a
-    half-extracted folder behind.
+    half-extracted folder behind. `pinned`: the md5 data.dvc pins, named if the md5 differs.
     """
     tarball, root = Path(tarball), Path(root)
     if not tarball.is_file():
         raise FileNotFoundError(f"no tarball at {tarball}. {HOW_TO_GET}")
     got = md5sum(tarball)
     if got != md5:
-        raise ValueError(
-            f"{tarball} has md5 {got}, expected {md5}: the file is corrupt, truncated or not the "
-            f"official CIFAR-10 python tarball. Delete it and run `make repro` to download it again."
-        )
+        raise ValueError(md5_mismatch(tarball, got, md5, pinned))
     root.mkdir(parents=True, exist_ok=True)
     target = root / FOLDER
     with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
@@ -341,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         if args.cmd == "prepare":
-            print(f"prepared {prepare(args.tarball, args.root, args.md5)}")
+            print(f"prepared {prepare(args.tarball, args.root, args.md5, pinned_md5(args.tarball))}")
         else:
             print(f"downloaded {download(args.root, args.url, args.md5)}")
     except (FileNotFoundError, ValueError) as e:

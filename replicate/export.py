@@ -75,8 +75,8 @@ def data_of(params: Path | None) -> dict:
     """params.yaml's `data` section: what the reports call the data, and the tarball's md5."""
     if params is None:
         return {"name": None, "md5": None}
-    import yaml
-    section = (yaml.safe_load(params.read_text()) or {}).get("data") or {}
+    from .pipeline import load_yaml
+    section = (load_yaml(params) or {}).get("data") or {}
     return {"name": section.get("name"), "md5": section.get("md5")}
 
 

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.executor == "slurm" and tasks:
             codes = slurm.run(tasks, root, options, view)
         else:
-            codes = local.run_local(tasks, root, view, pins)
+            codes = local.run_local(tasks, root, view, pins, again=profile.make)
     except KeyboardInterrupt:
         sys.exit(130)
     failed = [t for t in tasks if codes.get(t.run) != 0]

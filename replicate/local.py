@@ -134,12 +134,12 @@ def available_gb() -> float:
 
 
 def run_local(tasks: list[Task], root: Path, view: View, pins: list[dict[str, str]],
-              poll: float = 1.0) -> dict[str, int | None]:
+              poll: float = 1.0, again: str = "make repro") -> dict[str, int | None]:
     """Run the tasks in order, one per slot of `pins` at a time, each with its slot's pins; a failed
     run does not stop the others.
 
     Ctrl-C or SIGTERM stops every run it started, kernels included; checkpoints on disk are the
-    truth, so the next `make repro` resumes them.
+    truth, so running `again` (the profile's command: make repro, make quick) resumes them.
     """
     free = list(range(len(pins)))
     # The deepest first: the short runs then fill the slots the long ones leave (4 quick runs on 2
@@ -165,7 +165,7 @@ def run_local(tasks: list[Task], root: Path, view: View, pins: list[dict[str, st
             view.tick()
             time.sleep(poll)
     except KeyboardInterrupt:
-        view.say(f"interrupted: stopping {len(running)} running run(s); `make repro` again resumes them")
+        view.say(f"interrupted: stopping {len(running)} running run(s); `{again}` again resumes them")
         for proc, _ in running.values():
             stop_tree(proc.pid)
         raise

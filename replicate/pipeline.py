@@ -29,7 +29,7 @@ import yaml
 
 from . import TRAINING_CODE
 from . import data as cifar
-from .train import NO_EFFECT, Config, type_errors
+from .train import NO_EFFECT, Config, did_you_mean, type_errors
 
 PARAMS = "params.yaml"
 NOTEBOOK = "notebooks/train.ipynb"
@@ -71,17 +71,37 @@ class Profile:
     report_stage: str
     results: str         # run folders: <results>/<run>/
     reports: str
+    make: str            # the command that runs it, named in messages: run it again to resume
 
 
 PROFILES = {
-    "paper": Profile("paper", "train", "report", "results", "reports"),
-    "quick": Profile("quick", "quick", "quick-report", "results/quick", "reports/quick"),
+    "paper": Profile("paper", "train", "report", "results", "reports", "make repro"),
+    "quick": Profile("quick", "quick", "quick-report", "results/quick", "reports/quick", "make quick"),
 }
+
+
+def load_yaml(path: str | Path):
+    """A YAML file (params.yaml, dvc.yaml, data.dvc) as Python. A syntax error is one line naming the
+    file, the line and the column, not PyYAML's traceback; a tab, YAML's commonest trap, is named."""
+    text = Path(path).read_text()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+        if mark is None:
+            raise ValueError(f"{path} is not valid YAML: {problem}") from None
+        lines = text.splitlines()
+        line = lines[mark.line] if mark.line < len(lines) else ""
+        if "\t" in line[:len(line) - len(line.lstrip())] or "'\\t'" in problem:
+            problem += ": YAML indents with spaces, never tabs; replace the tab with spaces"
+        elif getattr(e, "context", None):
+            problem += f" ({e.context})"
+        raise ValueError(f"{path}, line {mark.line + 1}, column {mark.column + 1}: {problem}") from None
 
 
 def load_params(path: str | Path = PARAMS) -> dict:
     """params.yaml as a dict; it must hold the `train` section, the `grid` list and `quick`."""
-    params = yaml.safe_load(Path(path).read_text()) or {}
+    params = load_yaml(path) or {}
     missing = [s for s, kind in (("train", dict), ("grid", list), ("quick", dict)) if not isinstance(params.get(s), kind)]
     if missing:
         raise ValueError(f"{path} has no {' or '.join(missing)} section (see the README's params.yaml)")
@@ -131,8 +151,8 @@ def check(params: dict, notebook: str | Path | None = NOTEBOOK, dvc_yaml: str | 
     reads (DVC cannot derive either from params.yaml, so dvc.yaml spells them out). Returns the
     paper's runs.
     """
-    problems = [f"  {where} {e}" for where, e in section_type_errors(params)]
-    if not problems:  # a wrong type is named once, not once per run
+    problems = [f"  {where} {e}" for where, e in section_errors(params)]
+    if not problems:  # an unknown key or a wrong type is named once, not once per run
         problems = run_problems(params)
     if problems:
         raise ValueError("params.yaml: invalid value(s) or run(s), nothing was trained:\n" + "\n".join(problems))
@@ -149,24 +169,39 @@ def check(params: dict, notebook: str | Path | None = NOTEBOOK, dvc_yaml: str | 
 
 
 def run_problems(params: dict) -> list[str]:
-    """One line per run of either profile that is not a valid Config."""
+    """One line per problem of the runs of either profile that are not a valid Config, naming the
+    runs it concerns (`lr_ramp: 800` of 720 iterations: one line, not one per quick run)."""
     problems = []
     for name, profile in PROFILES.items():
         try:
+            found: dict[str, list[str]] = {}
             for run in runs(params, name):
                 try:
                     config(params, run, name)
                 except (ValueError, TypeError) as e:
-                    problems.append(f"  {profile.stage}@{run.name}: {e}")
+                    found.setdefault(str(e), []).append(f"{profile.stage}@{run.name}")
+            problems += [f"  {', '.join(stages)}: {e}" for e, stages in found.items()]
         except ValueError as e:
             problems.append(f"  {e}")
     return problems
 
 
-def section_type_errors(params: dict) -> list[tuple[str, str]]:
-    """(params.yaml key, problem) for every protocol value of the wrong type, each named once."""
+def section_errors(params: dict) -> list[tuple[str, str]]:
+    """(params.yaml key, problem) for every unknown protocol key and every value of the wrong type,
+    each named once, with the closest known key rather than the whole list."""
     quick = params["quick"].get("train") or {}
-    found = [(f"train.{k}", p) for k, p in type_errors(params["train"])]
+    fields = {f.name for f in dataclasses.fields(Config)} - {"arch", "depth", "seed"}
+    found = []
+    for section, values in (("train", params["train"]), ("quick.train", quick)):
+        for key in values:
+            if key in ("arch", "depth", "seed"):
+                found.append((f"{section}.{key}", "belongs in the run names of the grid (<arch>-<depth>-<seed>)"))
+            elif key not in fields:
+                hint = did_you_mean(key, sorted(fields))
+                found.append((f"{section}.{key}", f"is not a training parameter (replicate.train.Config){hint}"))
+            elif section == "quick.train" and key not in params["train"]:
+                found.append((f"quick.train.{key}", "replaces a key that train does not have: add it to train too"))
+    found += [(f"train.{k}", p) for k, p in type_errors(params["train"])]
     return found + [(f"quick.train.{k}", p) for k, p in type_errors(quick)]
 
 
@@ -196,7 +231,7 @@ def stage_params(params: dict, stage: str) -> list[str]:
 def check_dvc_yaml(params: dict, dvc_yaml: str | Path) -> None:
     """Each report stage depends on exactly its profile's runs; each stage declares exactly the
     params it reads (stage_params). Says which lines to add or remove."""
-    stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+    stages = load_yaml(dvc_yaml)["stages"]
 
     def differ(what: str, stage: str, have: list, want: list) -> None:
         if sorted(have) != sorted(want):
@@ -222,20 +257,29 @@ def notebook_parameters(params: dict, run: Run, data_root: str, out_dir: str, pr
             "protocol": train_params(params, profile)}
 
 
+class NotebookFailed(RuntimeError):
+    """A cell of an executed notebook raised; the notebook saved at `out` holds the traceback."""
+
+
 def execute_notebook(notebook: str | Path, out: str | Path, parameters: dict, *, cwd: str | Path | None = None,
                      stream: bool = False) -> Path:
     """Execute `notebook` with papermill into `out` (its folder made first: papermill does not).
 
     `stream`: the kernel's output (the training bar) goes to this process's stdout and stderr as
     is, carriage returns included, and the saved notebook keeps its last state, not one output per
-    refresh."""
+    refresh. A failing cell is NotebookFailed, one line: papermill's own error repeats the
+    kernel's whole traceback at the end of train.log, and the executed notebook holds it anyway."""
     import papermill
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     streams = dict(stdout_file=sys.stdout, stderr_file=sys.stderr, coalesce_streams=True) if stream else {}
-    papermill.execute_notebook(str(notebook), str(out), parameters=parameters, progress_bar=False,
-                               cwd=None if cwd is None else str(cwd), **streams)
+    try:
+        papermill.execute_notebook(str(notebook), str(out), parameters=parameters, progress_bar=False,
+                                   cwd=None if cwd is None else str(cwd), **streams)
+    except papermill.PapermillExecutionError as e:
+        raise NotebookFailed(f"{e.ename}: {e.evalue} (the full traceback: In [{e.exec_count}] of the executed "
+                             f"notebook {out})") from None
     return out
 
 
@@ -292,10 +336,11 @@ def fetch(md5: str, dvc_file: str | Path = DATA_PIN) -> Path:
     Missing: `dvc update` downloads it; offline, the error says where to put a copy by hand. A copy
     put there by hand is checked and then committed to the cache, because `dvc repro` would
     otherwise try to "verify" the frozen import against its URL, and rewrite the pin to whatever
-    file it finds. Nothing here trusts data.dvc's own md5 for the same reason.
+    file it finds. So params.yaml's md5 decides what is accepted, and a copy that has it but is not
+    the file data.dvc pins is refused with how to pin it: DVC would try to fetch the pinned one.
     """
     dvc_file = Path(dvc_file)
-    pin = yaml.safe_load(dvc_file.read_text())
+    pin = load_yaml(dvc_file)
     url, out = pin["deps"][0]["path"], pin["outs"][0]
     tarball = dvc_file.parent / out["path"]
     by_hand = (
@@ -311,10 +356,15 @@ def fetch(md5: str, dvc_file: str | Path = DATA_PIN) -> Path:
             raise FileNotFoundError(f"could not download {url} (offline?). {by_hand}")
         if cifar.md5sum(tarball) != md5:
             dvc_file.write_text(before)  # dvc update pinned what it got; keep the real pin
-    got = cifar.md5sum(tarball)
+    got, pinned = cifar.md5sum(tarball), load_yaml(dvc_file)["outs"][0].get("md5")  # after any dvc update
     if got != md5:
-        raise ValueError(f"{tarball} has md5 {got}, expected {md5}: it is corrupt, truncated or "
-                         f"not the official tarball. Delete it and run `make repro` again. {by_hand}")
+        raise ValueError(cifar.md5_mismatch(tarball, got, md5, pinned))
+    if pinned and got != pinned:
+        raise ValueError(
+            f"{tarball} has the md5 data.md5 asks for ({got}), but {dvc_file} pins another tarball (md5 "
+            f"{pinned}, from {url}), which `dvc repro` would try to fetch. Pin this copy: move it out of data/ "
+            f"(`mv {tarball} ~/`), run `python -m replicate.pipeline import-data ~/{tarball.name}`, keep "
+            f"data.md5 {got} in params.yaml, then run `make repro` (or `make quick`) again.")
     _commit_to_cache(dvc_file)
     return tarball
 
@@ -408,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run = Run.parse(args.run)
             print(f"executed {train_stage(run, args.out, args.params, args.notebook, args.data, args.profile)}")
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, NotebookFailed) as e:
         sys.exit(f"error: {e}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
+import difflib
 import json
 import os
 import time
@@ -80,6 +81,9 @@ class Config:
         for name, zero in (("lr_ramp", "no ramp, the paper's"), ("eval_subset", "the whole test set")):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 ({zero}) or a positive count, got {getattr(self, name)!r}")
+        if self.lr_ramp >= self.iterations:
+            raise ValueError(f"lr_ramp must be less than iterations, got lr_ramp {self.lr_ramp} and iterations "
+                             f"{self.iterations}: shorten the ramp (0: none, the paper's) or lengthen the run")
         if self.milestones != sorted(self.milestones) or any(m < 1 for m in self.milestones):
             raise ValueError(f"milestones must be increasing positive iterations, got {self.milestones}")
         if self.lr <= 0 or self.warmup_lr <= 0:
@@ -93,11 +97,17 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training parameter(s) {unknown}; known ones are {sorted(known)}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in known:
+                raise ValueError(f"unknown training parameter {key!r}{did_you_mean(key, known)}")
         return cls(**values)
+
+
+def did_you_mean(key: str, known) -> str:
+    """The closest of `known` as a hint (`; did you mean 'lr_ramp'?`): one name, not the whole list."""
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else "; see replicate.train.Config for the known ones"
 
 
 def type_errors(values: dict) -> list[tuple[str, str]]:
@@ -422,13 +432,16 @@ def main(argv: list[str] | None = None) -> None:
                        type=kind.get(f.name, type(f.default) if f.default is not dataclasses.MISSING else str))
     args = vars(p.parse_args(argv))
     values = {}
-    params = args.pop("params")
-    if params:
-        import yaml
-        values.update(yaml.safe_load(Path(params).read_text())["train"])
-    data_root, out = args.pop("data"), args.pop("out")
-    values.update({k: v for k, v in args.items() if v is not None})
+    params, data_root, out = args.pop("params"), args.pop("data"), args.pop("out")
     try:
+        if params:
+            from .pipeline import load_yaml  # here: pipeline imports this module
+
+            section = (load_yaml(params) or {}).get("train")
+            if not isinstance(section, dict):
+                raise ValueError(f"{params} has no train section (see params.yaml)")
+            values.update(section)
+        values.update({k: v for k, v in args.items() if v is not None})
         result = train(Config.from_dict(values), data_root, out)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

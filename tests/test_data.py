@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from replicate import data as cifar
 
@@ -152,9 +153,32 @@ def test_prepare_extracts_a_good_tarball(tmp_path, cifar_tarball, small_dataset)
 
 
 def test_prepare_rejects_a_wrong_md5_and_leaves_nothing(tmp_path, cifar_tarball):
-    with pytest.raises(ValueError, match="md5 .* expected c58f30108f718f92721af3b95e74349a"):
+    with pytest.raises(ValueError, match=r"md5 .*, expected c58f30108f718f92721af3b95e74349a \(data.md5 in params.yaml\)"):
         cifar.prepare(cifar_tarball, tmp_path / "out")  # the official md5: not our small tarball
     assert not (tmp_path / "out" / cifar.FOLDER).exists()
+
+
+def test_a_wrong_md5_names_both_causes_and_never_calls_the_pinned_tarball_corrupt(tmp_path, cifar_tarball, capsys):
+    """A mistyped data.md5 was reported as a corrupt tarball to delete: offline, the only copy."""
+    (tmp_path / "data").mkdir()
+    tarball = tmp_path / "data" / cifar.TARBALL
+    tarball.write_bytes(cifar_tarball.read_bytes())
+    md5, typo = cifar.md5sum(tarball), "0" * 32
+    with pytest.raises(SystemExit) as e:  # no data.dvc: it may be the tarball or data.md5
+        cifar.main(["prepare", str(tarball), str(tmp_path / "out"), "--md5", typo])
+    msg = str(e.value)
+    assert f"has md5 {md5}, expected {typo} (data.md5 in params.yaml)" in msg
+    assert f"put back the right one (the official CIFAR-10 tarball's is replicate.data.MD5, {cifar.MD5})" in msg
+    assert "only then delete it" in msg and "\n" not in msg
+    (tmp_path / "data.dvc").write_text(yaml.safe_dump({"outs": [{"md5": md5, "path": f"data/{cifar.TARBALL}"}]}))
+    with pytest.raises(SystemExit) as e:  # data.dvc pins it: data.md5 is what is wrong
+        cifar.main(["prepare", str(tarball), str(tmp_path / "out"), "--md5", typo])
+    msg = str(e.value)
+    assert f"The tarball is the one data.dvc pins, so data.md5 is wrong: set it back to {md5}" in msg
+    assert "delete" not in msg
+    assert not (tmp_path / "out" / cifar.FOLDER).exists()
+    official = cifar.md5_mismatch(tarball, cifar.MD5, typo, pinned=md5)  # the official one, not pinned
+    assert "The tarball is the official CIFAR-10 one" in official and "delete" not in official
 
 
 def test_prepare_rejects_a_corrupt_tarball_and_leaves_no_half_extracted_folder(tmp_path, cifar_tarball):

@@ -3,6 +3,7 @@ runs side by side with failures (tests/test_repro.py runs the real grid end to e
 
 import io
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -139,6 +140,35 @@ def test_local_runs_go_side_by_side_with_their_pins_and_a_failure_stops_nothing(
     assert "4/4 done" not in text and "1 failed" in text
     header = tasks[0].log.read_text().splitlines()[1]
     assert header.startswith("=== ") and "CUDA_VISIBLE_DEVICES=" in header
+
+
+def test_ctrl_c_names_the_command_of_the_profile_being_run(tmp_path):
+    """Ctrl-C of `make quick` said "`make repro` again resumes them"."""
+    tasks = make_tasks(tmp_path, {"plain-20-0": "import time; time.sleep(60)"})
+    out = io.StringIO()
+    view = View(tasks, every=0, stream=out)
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+    view.tick = ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        local.run_local(tasks, tmp_path, view, [{}], poll=0.05, again="make quick")
+    assert "interrupted: stopping 1 running run(s); `make quick` again resumes them" in out.getvalue()
+
+
+@pytest.mark.parametrize("profile, command", [("quick", "make quick"), ("paper", "make repro")])
+def test_the_grid_passes_its_profiles_command_to_the_local_runs(monkeypatch, profile, command):
+    seen = {}
+
+    def run_local(tasks, root, view, pins, again=None):
+        seen["again"] = again
+        return {t.run: 0 for t in tasks}
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(grid, "dvc", lambda *args, root, capture=False: subprocess.CompletedProcess(args, 0))
+    monkeypatch.setattr(grid, "pending", lambda stages, root: stages[:1])
+    monkeypatch.setattr(local, "run_local", run_local)
+    grid.main(["--profile", profile, "--jobs", "1"])
+    assert seen == {"again": command}
 
 
 def test_a_rerun_appends_to_the_log_of_the_attempt_before(tmp_path):

@@ -1,8 +1,13 @@
 """The two ways to install (pip and conda) name the same dependencies, and the entry points
 that a new user and CI rely on exist."""
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
+
+import pytest
 
 import yaml
 
@@ -59,3 +64,26 @@ def test_readme_how_to_reproduce_names_make_repro_and_make_test():
     assert "make repro" in quick_start and "make test" in quick_start
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^repro:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
+
+
+@pytest.mark.parametrize("module, args", [("replicate.pipeline", ["check"]),
+                                          ("replicate.data", ["prepare", "data/cifar-10-python.tar.gz", "data"])])
+def test_a_python_without_torch_says_to_activate_the_environment(module, args):
+    """`dvc repro` with .venv not active: every stage's `python -m replicate...` failed with a bare
+    "No module named 'torch'" after DVC had removed the stage's outputs."""
+    code = (f"import sys; sys.argv = {[module, *args]!r}; sys.modules['torch'] = None; import runpy; "
+            f"runpy.run_module({module!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (
+        f"error: torch is not installed for {sys.executable}: run DVC from the project's environment "
+        "(`source .venv/bin/activate`, made by `make install`), then `dvc repro` again; `dvc checkout` "
+        "brings back the outputs a failed stage removed.")
+
+
+def test_readme_says_how_to_run_dvc_itself():
+    readme = (ROOT / "README.md").read_text()
+    commands = readme.split("## How to reproduce", 1)[1].split("\n## ", 1)[0]
+    assert "dvc repro" in commands and "source .venv/bin/activate" in commands and "dvc checkout" in commands
+    assert len(readme.splitlines()) <= 180

@@ -4,18 +4,20 @@ paper; the grid is validated before anything trains; `fetch` finds, checks or ex
 import ast
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import papermill
 import pytest
 import yaml
 
 from conftest import make_tarball
 from replicate import data as cifar
-from replicate import pipeline
+from replicate import export, grid, pipeline
 from replicate.train import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,18 +168,86 @@ def test_malformed_grid_is_refused(params, grid, error):
 
 
 def test_check_refuses_unknown_train_keys_and_notebook_drift(params, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown training parameter\(s\) \['lr_decay'\]"):
+    with pytest.raises(ValueError, match=r"train\.lr_decay is not a training parameter"):
         pipeline.check({**params, "train": {**params["train"], "lr_decay": 0.1}}, notebook=None)
     with pytest.raises(ValueError, match="belongs in the run names"):
         pipeline.check({**params, "train": {**params["train"], "depth": 20}}, notebook=None)
-    with pytest.raises(ValueError, match=r"quick.train sets \['iters'\]"):
+    with pytest.raises(ValueError, match=r"quick\.train\.iters is not a training parameter.*did you mean 'iterations'"):
         pipeline.check({**params, "quick": {**params["quick"], "train": {"iters": 10}}}, notebook=None)
+    no_lr = {k: v for k, v in params["train"].items() if k != "lr"}
+    with pytest.raises(ValueError, match=r"quick\.train\.lr replaces a key that train does not have"):
+        pipeline.check({**params, "train": no_lr, "quick": {**params["quick"], "train": {"lr": 0.2}}}, notebook=None)
     nb = json.loads((ROOT / "notebooks" / "train.ipynb").read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     cell["source"] = [line for line in cell["source"] if not line.startswith("protocol")]
     (tmp_path / "train.ipynb").write_text(json.dumps(nb))
     with pytest.raises(ValueError, match=r"no parameter\(s\) \['protocol'\]"):
         pipeline.check(params, tmp_path / "train.ipynb")
+
+
+def test_an_unknown_key_is_named_once_per_section_with_the_closest_known_key(params):
+    """It was named once per run (18 times), each time with every known key."""
+    bad = {**params, "train": {**params["train"], "iteration": 100},
+           "quick": {**params["quick"], "train": {**params["quick"]["train"], "iteration": 10}}}
+    with pytest.raises(ValueError) as e:
+        pipeline.check(bad, notebook=None)
+    lines = str(e.value).splitlines()[1:]
+    assert lines == ["  train.iteration is not a training parameter (replicate.train.Config); did you mean 'iterations'?",
+                     "  quick.train.iteration is not a training parameter (replicate.train.Config); "
+                     "did you mean 'iterations'?"]
+
+
+def test_a_problem_shared_by_runs_is_one_line_naming_them(params):
+    """lr_ramp longer than the quick look's iterations was accepted; then named once per quick run."""
+    bad = {**params, "quick": {**params["quick"], "train": {**params["quick"]["train"], "lr_ramp": 800}}}
+    with pytest.raises(ValueError) as e:
+        pipeline.check(bad, notebook=None)
+    assert str(e.value).splitlines()[1:] == [
+        "  quick@plain-20-0, quick@plain-56-0, quick@resnet-20-0, quick@resnet-56-0: lr_ramp must be less than "
+        "iterations, got lr_ramp 800 and iterations 720: shorten the ramp (0: none, the paper's) or lengthen the run"]
+
+
+def test_a_tab_in_params_yaml_is_one_line_naming_the_file_and_place(tmp_path, capsys):
+    """It was a 55-line PyYAML traceback that never named params.yaml."""
+    text = (ROOT / "params.yaml").read_text().replace("\n  lr: 0.1", "\n\tlr: 0.1")
+    line = text.splitlines().index("\tlr: 0.1") + 1
+    (tmp_path / "params.yaml").write_text(text)
+    want = (rf"^error: {re.escape(str(tmp_path / 'params.yaml'))}, line {line}, column 1: found character '\\t' "
+            r"that cannot start any token: YAML indents with spaces, never tabs; replace the tab with spaces$")
+    for command in (["check"], ["fetch"]):
+        with pytest.raises(SystemExit, match=want):
+            pipeline.main(["--params", str(tmp_path / "params.yaml"), *command])
+    with pytest.raises(ValueError, match=want[len("^error: "):]):
+        export.data_of(tmp_path / "params.yaml")
+    with pytest.raises(SystemExit, match=want):
+        grid.main(["--params", str(tmp_path / "params.yaml")])
+    (tmp_path / "other.yaml").write_text("grid: [plain-20-0,\n")
+    with pytest.raises(ValueError, match=r"other\.yaml, line 2, column 1: expected the node content, but found "
+                                         r"'<stream end>' \(while parsing a flow node\)$"):
+        pipeline.load_params(tmp_path / "other.yaml")
+
+
+def test_a_failing_notebook_is_one_error_line_naming_the_executed_notebook(tmp_path, capsys):
+    """papermill's PapermillExecutionError printed the kernel's whole traceback at the end of train.log."""
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("protocol = {}", metadata={"tags": ["parameters"]}),
+               nbformat.v4.new_code_cell("raise ValueError('checkpoint.pt was made by another run')")],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, tmp_path / "train.ipynb")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--params", str(ROOT / "params.yaml"), "train", "--run", "resnet-20-0", "--out", str(out),
+                       "--notebook", str(tmp_path / "train.ipynb")])
+    assert str(e.value) == (f"error: ValueError: checkpoint.pt was made by another run (the full traceback: "
+                            f"In [3] of the executed notebook {out / 'train.ipynb'})")
+    assert "Traceback" not in capsys.readouterr().err
+    executed = nbformat.read(out / "train.ipynb", as_version=4)
+    assert any(o["output_type"] == "error" for c in executed.cells for o in c.get("outputs", []))
+
+
+def test_each_profile_names_its_own_command():
+    """Ctrl-C of `make quick` said "`make repro` again resumes them" (replicate/local.py)."""
+    assert pipeline.PROFILES["quick"].make == "make quick" and pipeline.PROFILES["paper"].make == "make repro"
 
 
 def test_check_command_writes_a_constant_stamp(tmp_path):
@@ -269,15 +339,67 @@ def test_fetch_accepts_a_copy_by_hand_without_download(offline_repo, cifar_tarba
 
 def test_fetch_refuses_a_copy_with_the_wrong_md5(offline_repo, cifar_tarball):
     shutil.copy(cifar_tarball, offline_repo / "data" / cifar.TARBALL)
-    with pytest.raises(ValueError, match=f"has md5 {cifar.md5sum(cifar_tarball)}, expected {cifar.MD5}"):
+    with pytest.raises(ValueError, match=f"has md5 {cifar.md5sum(cifar_tarball)}, expected {cifar.MD5} "
+                                         r"\(data.md5 in params.yaml\)\. Either data.md5 was edited.*only then delete it"):
         pipeline.fetch(cifar.MD5, offline_repo / "data.dvc")
+
+
+def pin(offline_repo, tarball) -> str:
+    """Make data.dvc pin `tarball` (as import-data would), without the network."""
+    md5, dvc_file = cifar.md5sum(tarball), offline_repo / "data.dvc"
+    dvc_file.write_text(dvc_file.read_text().replace(cifar.MD5, md5))
+    pipeline.restamp(dvc_file)
+    return md5
+
+
+def test_fetch_never_tells_to_delete_the_pinned_tarball_when_data_md5_is_mistyped(offline_repo, cifar_tarball):
+    """A mistyped data.md5 made fetch call the tarball corrupt and say to delete it: offline, the only copy."""
+    md5 = pin(offline_repo, cifar_tarball)
+    shutil.copy(cifar_tarball, offline_repo / "data" / cifar.TARBALL)
+    typo = md5[:-1] + ("0" if md5[-1] != "0" else "1")
+    with pytest.raises(ValueError) as e:
+        pipeline.fetch(typo, offline_repo / "data.dvc")
+    msg = str(e.value)
+    assert msg.endswith(f"has md5 {md5}, expected {typo} (data.md5 in params.yaml). The tarball is the one data.dvc "
+                        f"pins, so data.md5 is wrong: set it back to {md5} in params.yaml (the official CIFAR-10 "
+                        f"tarball's is replicate.data.MD5, {cifar.MD5}); keep the tarball.")
+    assert "delete" not in msg.lower()
+    (offline_repo / "data" / cifar.TARBALL).write_bytes(b"truncated")  # now the tarball is bad
+    with pytest.raises(ValueError) as e:
+        pipeline.fetch(typo, offline_repo / "data.dvc")
+    assert f"put back the right one ({md5}, the md5 data.dvc pins; the official CIFAR-10 tarball's is " \
+           f"replicate.data.MD5, {cifar.MD5}). Or data.md5 is right and the tarball is corrupt" in str(e.value)
+
+
+def test_fetch_says_to_pin_a_copy_by_hand_that_data_dvc_does_not_pin(offline_repo, cifar_tarball):
+    """Copied into data/ without import-data, with data.md5 set to its md5: fetch said "ready", then
+    `dvc repro` failed with "dependency 'http://...' does not exist" (it tried to fetch the pinned one)."""
+    shutil.copy(cifar_tarball, offline_repo / "data" / cifar.TARBALL)
+    md5 = cifar.md5sum(cifar_tarball)
+    with pytest.raises(ValueError) as e:
+        pipeline.fetch(md5, offline_repo / "data.dvc")
+    tarball = offline_repo / "data" / cifar.TARBALL
+    assert str(e.value) == (
+        f"{tarball} has the md5 data.md5 asks for ({md5}), but {offline_repo / 'data.dvc'} pins another tarball (md5 "
+        f"{cifar.MD5}, from http://127.0.0.1:9/cifar-10-python.tar.gz), which `dvc repro` would try to fetch. Pin "
+        f"this copy: move it out of data/ (`mv {tarball} ~/`), run `python -m replicate.pipeline import-data "
+        f"~/{cifar.TARBALL}`, keep data.md5 {md5} in params.yaml, then run `make repro` (or `make quick`) again.")
+    assert "not in cache" in dvc("status", "data.dvc", cwd=offline_repo).stdout  # nothing committed
+    # what the message says to do works offline: then fetch is happy and `dvc repro` needs no network
+    moved = offline_repo.parent / f"home-{offline_repo.name}" / cifar.TARBALL
+    moved.parent.mkdir()
+    shutil.move(tarball, moved)
+    pipeline.import_data(str(moved), offline_repo / "data.dvc")
+    assert pipeline.fetch(md5, offline_repo / "data.dvc") == tarball
+    done = dvc("repro", "data.dvc", cwd=offline_repo)
+    assert done.returncode == 0, done.stderr
 
 
 def test_fetch_command_reads_the_md5_from_params(offline_repo, tmp_path_factory, small_dataset):
     tarball = make_tarball(tmp_path_factory.mktemp("other") / cifar.TARBALL, small_dataset)
     shutil.copy(tarball, offline_repo / "data" / cifar.TARBALL)
     (offline_repo / "params.yaml").write_text(yaml.safe_dump({"data": {"md5": "0" * 32}, "train": {}, "grid": [], "quick": {}}))
-    with pytest.raises(SystemExit, match="expected 0{32}"):
+    with pytest.raises(SystemExit, match=r"expected 0{32} \(data.md5 in params.yaml\)"):
         pipeline.main(["--params", str(offline_repo / "params.yaml"), "fetch",
                        "--dvc-file", str(offline_repo / "data.dvc")])
 

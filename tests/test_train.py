@@ -1,6 +1,7 @@
 """The training engine: the paper's schedule and warm-up, outputs, divergence and bad input."""
 
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -124,9 +125,25 @@ def test_checkpoint_of_another_architecture_is_refused_and_of_other_settings_set
     assert len(list(tmp_path.glob("stale-checkpoint-*.pt"))) == 4
 
 
+@pytest.mark.parametrize("values, match", [
+    (dict(depth=21), "6n\\+2"),
+    (dict(arch="densenet"), "arch must be"),
+    (dict(iterations=0), "iterations must be a positive integer"),
+    (dict(milestones=[48_000, 32_000]), "milestones must be increasing"),
+    (dict(lr_ramp=-1), "lr_ramp must be 0"),
+    (dict(learning_rate=0.1), "unknown training parameter.*learning_rate"),
+    (dict(iterations=720, milestones=[360], lr_ramp=800),
+     "lr_ramp must be less than iterations, got lr_ramp 800 and iterations 720"),
+])
 def test_bad_config_is_rejected_before_training(values, match):
     with pytest.raises(ValueError, match=match):
         Config.from_dict(values)
+
+
+def test_an_unknown_parameter_is_named_with_the_closest_known_one_not_the_whole_list():
+    with pytest.raises(ValueError) as e:
+        Config.from_dict({"iteration": 720})
+    assert str(e.value) == "unknown training parameter 'iteration'; did you mean 'iterations'?"
 
 
 def test_missing_data_root_is_reported_by_train(tmp_path):
@@ -156,6 +173,14 @@ def test_cli_trains_from_params_file(tmp_path, cifar_root, capsys):
                  "--arch", "plain", "--depth", "8"])
     m = read_outputs(tmp_path / "run")
     assert (m["arch"], m["depth"], m["iterations"], m["config"]["milestones"]) == ("plain", 8, 20, [10])
+
+
+def test_cli_names_a_tab_in_the_params_file_without_a_traceback(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  iterations: 20\n\tlr: 0.1\n")
+    want = rf"^error: {re.escape(str(params))}, line 3, column 1: .*YAML indents with spaces, never tabs"
+    with pytest.raises(SystemExit, match=want):
+        engine.main(["--params", str(params)])
 
 
 def test_bf16_steps_keep_weights_and_bn_statistics_in_fp32(small_dataset, monkeypatch):
