@@ -78,10 +78,16 @@ class Runs:
 
 
 def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    """A run's CSV file; one that lacks a column the report plots is named, not drawn empty."""
     try:
-        return pd.read_csv(path)
+        frame = pd.read_csv(path)
     except (FileNotFoundError, pd.errors.EmptyDataError):  # a diverged run has no responses
         return pd.DataFrame(columns=columns)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)} column: it was not written by replicate.train, or "
+                         f"was edited. Train the run again (delete its folder), or restore the file")
+    return frame
 
 
 def collect(results_dir: str | Path, names: list[str] | None = None) -> Runs:

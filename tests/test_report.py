@@ -38,6 +38,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 RUNS = FIXTURES / "runs"
 EXPECTED_NOTEBOOK = FIXTURES / "report.ipynb"
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "report.ipynb"
+# He et al. 2015, Table 6 (ResNets, CIFAR-10 test error %), copied from the paper independently of
+# report.PAPER_TABLE6, so that a wrong constant there fails here.
+THE_PAPERS_TABLE6 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
 FILES = ["table6.csv", "table6.md", "table6.json", "fig6.png", "fig1.png", "fig7.png", "verdicts.md"]
 PAPER_GRID = [f"{n}-{d}" for n in ("plain", "ResNet") for d in (20, 32, 44, 56, 110)]
 
@@ -108,7 +111,7 @@ def test_table_numbers_are_the_fixture_metrics(table, tmp_path):
         if len(errors) > 1:
             assert r["std"] == errors.std()
         if arch == "resnet":
-            assert r.paper == report.PAPER_TABLE6[depth]
+            assert r.paper == THE_PAPERS_TABLE6[depth]
             assert r["diff"] == errors.min() - r.paper if len(errors) else pd.isna(r["diff"])
     report.write_table(table, tmp_path)
     csv = pd.read_csv(tmp_path / "table6.csv")
@@ -316,7 +319,7 @@ def test_the_quick_report_shows_only_what_the_quick_look_ran(tmp_path):
     table = report.table6(runs, "quick")
     assert list(table.net) == ["plain-20", "plain-56", "ResNet-20", "ResNet-56"]
     assert "missing" not in set(table.ours) and table["diff"].isna().all()
-    assert list(table.paper[table.arch == "resnet"]) == [report.PAPER_TABLE6[20], report.PAPER_TABLE6[56]]
+    assert list(table.paper[table.arch == "resnet"]) == [THE_PAPERS_TABLE6[20], THE_PAPERS_TABLE6[56]]
     md = report.table6_markdown(table, "quick")
     assert "ours − paper" not in md and "a reference, not comparable" in md and "| 8.75 |" in md
     assert "ours − paper" in report.table6_markdown(report.table6(runs))  # the paper's report keeps it
@@ -337,3 +340,65 @@ def test_the_quick_report_shows_only_what_the_quick_look_ran(tmp_path):
     assert [len(legend(ax)) - 2 for ax in report.fig6(small, "quick").axes] == [1, 1]  # one net a panel
     assert report.verdicts(small, "quick")[0] == ("plain-56 ends with a higher training error than plain-20: "
                                                   "not tested by the quick look (it does not run plain-56)")
+
+
+# --- verdicts and curves from planted numbers: expectations set by construction -----------------
+
+def planted(errors: dict, responses: dict | None = None, history: dict | None = None) -> "report.Runs":
+    """Runs whose final errors {(arch, depth): (train, test)}, mean responses {(arch, depth): std}
+    and histories {(arch, depth): [(iteration, train, test)]} are the given numbers, one seed each."""
+    keys = lambda a, d: {"arch": a, "depth": d, "shortcut": "A", "seed": 0}  # noqa: E731
+    metrics = pd.DataFrame([{**keys(a, d), "train_error": tr, "test_error": te, "diverged": False}
+                            for (a, d), (tr, te) in errors.items()])
+    resp = pd.DataFrame([{**keys(a, d), "layer": i, "std": std * f} for (a, d), std in (responses or {}).items()
+                         for i, f in ((1, 0.5), (2, 1.5))], columns=report.RUN_KEYS + ["layer", "std"])
+    hist = pd.DataFrame([{**keys(a, d), "iteration": it, "lr": 0.1, "train_loss": 1.0, "train_error": tr,
+                          "test_error": te} for (a, d), rows in (history or {}).items() for it, tr, te in rows],
+                        columns=report.RUN_KEYS + report.HISTORY)
+    return report.Runs(metrics, hist, resp)
+
+
+@pytest.mark.parametrize("holds", [True, False])
+def test_each_verdict_follows_the_planted_numbers_both_ways(holds):
+    """Every claim answered 'yes' when the planted numbers make it true, and 'no' when they are
+    swapped: an inverted comparison in any verdict fails here."""
+    good, bad = (10.0, 30.0) if holds else (30.0, 10.0)  # the better net's error, the worse one's
+    runs = planted({("plain", 20): (good, good + 1), ("plain", 56): (bad, bad + 1),
+                    ("resnet", 20): (good, good), ("resnet", 56): (good - 5, good - 4)},
+                   responses={("plain", 20): 3.0, ("resnet", 20): 1.0 if holds else 5.0,
+                              ("plain", 56): 3.0, ("resnet", 56): 0.5 if holds else 6.0})
+    answer = "yes" if holds else "no"
+    assert report.degradation(runs, "train_error") == (
+        f"plain-56 ends with a higher training error than plain-20: {answer} ({bad:.2f}% vs {good:.2f}%)")
+    assert report.degradation(runs, "test_error").split(": ")[1].startswith(answer)
+    # ResNet-56 at good-5 beats plain-56 only when plain-56 is the worse net
+    assert report.residual_fix(runs, "train_error").split(": ")[1].startswith(answer)
+    assert report.responses_smaller(runs).split(": ")[1].startswith(answer)
+    assert report.deeper_responses_smaller(runs, (20, 56)).split(": ")[1].startswith(answer)
+    falling = {20: 9.0, 32: 8.0, 44: 7.0, 56: 6.0, 110: 5.0}
+    table6 = planted({("resnet", d): (1.0, e if holds else 20.0 - e) for d, e in falling.items()})
+    assert report.deeper_resnets_better(table6).split(": ")[1].startswith(answer)
+
+
+def test_a_trend_with_one_step_the_wrong_way_is_no():
+    runs = planted({("resnet", d): (1.0, e) for d, e in {20: 9.0, 32: 8.0, 44: 8.5, 56: 6.0, 110: 5.0}.items()})
+    assert report.deeper_resnets_better(runs).split(": ")[1].startswith("no")
+
+
+def test_fig1_draws_each_nets_own_curve_training_dashed_test_solid():
+    rows = {("plain", 20): [(100, 50.0, 60.0), (200, 40.0, 55.0)], ("plain", 56): [(100, 70.0, 75.0), (200, 65.0, 68.0)]}
+    runs = planted({net: rows[net][-1][1:] for net in rows}, history=rows)
+    left, right = report.fig1(runs).axes
+    for ax, column, style in ((left, 1, "--"), (right, 2, "-")):
+        drawn = sorted((tuple(line.get_xdata()), tuple(line.get_ydata()), line.get_linestyle())
+                       for line in ax.get_lines() if len(line.get_xdata()))
+        expected = sorted(((100.0, 200.0), tuple(r[column] for r in rows[net]), style) for net in rows)
+        assert drawn == expected
+
+
+def test_a_history_without_its_test_error_column_is_named(tmp_path):
+    root = results(tmp_path, ["plain-20-0"])
+    path = root / "plain-20-0" / "history.csv"
+    pd.read_csv(path).drop(columns="test_error").to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"plain-20-0/history.csv has no test_error column: .*Train the run again"):
+        report.collect(root)
