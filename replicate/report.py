@@ -278,7 +278,7 @@ def table6_markdown(table: pd.DataFrame, profile: str = "paper") -> str:
 
 
 def table6_metrics(table: pd.DataFrame) -> dict:
-    """Table 6 as nested numbers for `dvc metrics show` (NaN becomes null)."""
+    """Table 6 as nested numbers, for scripts (NaN becomes null)."""
     def clean(x):
         return None if isinstance(x, float) and math.isnan(x) else x
 
