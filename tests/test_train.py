@@ -74,6 +74,21 @@ def test_outputs_and_the_reported_test_error_is_the_final_iterations(tmp_path, c
     assert responses.layer.tolist() == list(range(1, 8)) and (responses["std"] > 0).all()
 
 
+def test_the_reported_errors_are_the_final_evaluations_not_the_best(tmp_path, small_dataset, monkeypatch):
+    """metrics' test and validation errors are the last evaluation's, though an earlier one was lower."""
+    errors = iter([30.0, 35.0, 10.0, 15.0, 20.0, 25.0])  # (test, val) at iterations 10, 20 and 30
+    real = engine.evaluate  # still run: the final pass records Fig. 7's responses
+    monkeypatch.setattr(engine, "evaluate", lambda *args: (real(*args), next(errors))[1])
+    result = train(tiny(iterations=30, eval_every=10, val_size=100), dataset=small_dataset, out_dir=tmp_path,
+                   progress=False)
+    evaluated = result.history.dropna(subset=["test_error"])
+    assert evaluated.iteration.tolist() == [10, 20, 30]
+    assert evaluated.test_error.tolist() == [30.0, 10.0, 20.0] and evaluated.val_error.tolist() == [35.0, 15.0, 25.0]
+    assert (result.metrics["test_error"], result.metrics["val_error"]) == (20.0, 25.0)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert (m["test_error"], m["val_error"]) == (20.0, 25.0)
+
+
 def test_training_learns(small_dataset):
     result = train(tiny(iterations=100, milestones=[80]), dataset=small_dataset, progress=False)
     assert result.history.train_loss.iloc[-1] < result.history.train_loss.iloc[0]
@@ -136,9 +151,12 @@ def test_a_checkpoint_from_before_lr_ramp_existed_resumes_as_no_ramp(tmp_path, s
         train(tiny(iterations=40, lr_ramp=5), dataset=small_dataset, out_dir=tmp_path, progress=False)
 
 
-def test_a_finished_run_can_be_extended(tmp_path, small_dataset):
+def test_a_finished_run_can_be_extended(tmp_path, small_dataset, steps):
+    """A finished run given more iterations resumes from its last checkpoint: only the new steps."""
     short = train(tiny(iterations=20), dataset=small_dataset, out_dir=tmp_path, progress=False)
+    steps.clear()
     longer = train(tiny(iterations=40), dataset=small_dataset, out_dir=tmp_path, progress=False)
+    assert len(steps) == 20
     assert short.metrics["iterations"] == 20 and longer.metrics["iterations"] == 40
     assert longer.history.iteration.tolist() == [10, 20, 30, 40]
 
