@@ -14,7 +14,6 @@ import torch
 
 from replicate import data as cifar
 from replicate import evaluate, weights
-from replicate import train as engine
 from replicate.models import build
 from replicate.train import Config, train
 
