@@ -45,6 +45,19 @@ def cifar_tarball(tmp_path_factory, small_dataset) -> Path:
     return make_tarball(tmp_path_factory.mktemp("tarball") / cifar.TARBALL, small_dataset)
 
 
+@pytest.fixture
+def steps(monkeypatch) -> list:
+    """Every SGD step `train` takes appends to this list: a resumed run must take exactly the
+    iterations after its checkpoint (a run restarted from 0 ends with the same weights)."""
+    taken, real = [], engine.train_step
+
+    def counting(*args, **kwargs):
+        taken.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(engine, "train_step", counting)
+    return taken
+
+
 class Interrupted(Exception):
     """What kills a run in `train_until_first_checkpoint`."""
 

@@ -1,17 +1,19 @@
 """python -m replicate.evaluate: the net found from the weights, the run's normalisation and
 precision (so that metrics.json's test error comes back exactly), foreign checkpoints, bad input."""
 
+import copy
 import json
+import math
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from replicate import data as cifar
 from replicate import evaluate, weights
-from replicate import train as engine
 from replicate.models import build
 from replicate.outputs import read as read_outputs
 from replicate.train import Config, train
@@ -42,10 +44,47 @@ def foreign(state_dict: dict) -> dict:
                            if not k.endswith("num_batches_tracked")}, "best_prec1": 91.2}
 
 
+NEAR_TIE = 1e-5
+
+
+def plain_fp32(model, images: torch.Tensor, labels, batch: int = 50) -> tuple[float, float]:
+    """The oracle, independent of train.evaluate: a copy of the net in fp32, eval mode, contiguous
+    memory, no autocast, `batch` images at a time, its wrong predictions counted one by one. Returns
+    the error (%) and the smallest gap between an image's two highest logits: channels_last and
+    batches of 1,000 move a logit by about 1e-6 here, so a gap above NEAR_TIE cannot flip."""
+    net = copy.deepcopy(model).float().to(memory_format=torch.contiguous_format).eval()
+    labels = torch.as_tensor(labels)
+    wrong, gap = 0, math.inf
+    with torch.no_grad():
+        for i in range(0, len(labels), batch):
+            logits = net(images[i:i + batch].float().contiguous())
+            top2 = logits.topk(2, dim=1).values
+            gap = min(gap, (top2[:, 0] - top2[:, 1]).min().item())
+            for predicted, label in zip(logits.argmax(1).tolist(), labels[i:i + batch].tolist()):
+                wrong += predicted != label
+    return 100.0 * wrong / len(labels), gap
+
+
 def fp32_error(model, images, labels) -> float:
-    """What evaluate must give for weights without metadata: fp32, in channels_last as train.py's nets."""
-    return engine.evaluate(model.to(memory_format=torch.channels_last), images, torch.as_tensor(labels),
-                           lambda: torch.autocast("cpu", enabled=False), torch.channels_last)
+    """What evaluate must give for weights without metadata: fp32 (the plain loop's error)."""
+    error, gap = plain_fp32(model, images, labels)
+    assert gap > NEAR_TIE, f"a near-tie ({gap:.1e}) that rounding could flip: pick other weights"
+    return error
+
+
+def test_train_evaluate_matches_a_plain_fp32_loop_over_a_test_set_of_several_batches(small_dataset):
+    """train's final test error (fp32, CPU) on 2,345 test images, two batches of 1,000 and one of 345,
+    is exactly the error of a plain loop over them, normalised by hand as the paper does."""
+    data = cifar.synthetic(500, 2_345, seed=4)
+    result = train(Config(**{**TINY, "iterations": 12, "milestones": [9], "bf16": False}), dataset=data,
+                   progress=False)
+    assert result.metrics["precision"] == "fp32" and result.metrics["test_images"] == 2_345
+    mean = (data.train_x.astype(np.float64).mean(axis=0) / 255.0).astype(np.float32)  # the training images' pixels
+    images = (torch.from_numpy(data.test_x).float() / 255.0) - torch.from_numpy(mean)
+    error, gap = plain_fp32(result.model, images, data.test_y)
+    assert gap > NEAR_TIE, f"a near-tie ({gap:.1e}) that rounding could flip: pick another seed"
+    assert 0 < error < 90  # a net that is right on some images and wrong on others, in every batch
+    assert result.metrics["test_error"] == error
 
 
 def test_json_output_reproduces_metrics_test_error_exactly(runs, cifar_root):

@@ -110,30 +110,56 @@ def make_tasks(tmp_path, scripts: dict[str, str]) -> list[Task]:
     return [ScriptTask(run, f"train@{run}", tmp_path / run / "train.log") for run in scripts]
 
 
+# A task's script: records its pins, appends "start RUN" to the shared EVENTS file, waits until
+# every event in WAIT_FOR has been appended (60 s at most: a run that never comes ends the wait,
+# and the order then shows it), appends "end RUN", and exits with CODE. The order of the events is
+# what the tasks saw happen, whatever the machine's speed.
 RECORD = """import json, os, sys, time
-print(json.dumps({{"start": time.time(), "omp": os.environ.get("OMP_NUM_THREADS"),
-                   "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}}), flush=True)
-time.sleep({sleep})
+from pathlib import Path
+events, run = Path({events!r}), {run!r}
+def event(what):
+    with open(events, "a") as f:
+        f.write(what + " " + run + "\\n")
+print(json.dumps({{"omp": os.environ.get("OMP_NUM_THREADS"), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}}), flush=True)
+event("start")
+deadline = time.monotonic() + 60
+while not set({wait_for!r}) <= set(events.read_text().splitlines()) and time.monotonic() < deadline:
+    time.sleep(0.02)
 print("resnet: 100%|#####| 10/10 [00:01<00:00]")
+event("end")
 sys.exit({code})
 """
 
 
 def test_local_runs_go_side_by_side_with_their_pins_and_a_failure_stops_nothing(tmp_path):
-    scripts = {"resnet-56-0": RECORD.format(sleep=1.5, code=0), "plain-56-0": RECORD.format(sleep=0.2, code=3),
-               "resnet-20-0": RECORD.format(sleep=0.2, code=0), "plain-20-0": RECORD.format(sleep=0.2, code=0)}
+    """2 slots, 4 runs: the two deepest start first, together; the failing one's slot takes the
+    next runs while the other deep one still runs."""
+    events = tmp_path / "events"
+    events.touch()
+
+    def script(run, code=0, wait_for=()):
+        return RECORD.format(events=str(events), run=run, wait_for=list(wait_for), code=code)
+    # resnet-56-0 runs until resnet-20-0 has started and plain-56-0 has ended: only a second slot,
+    # and one the failure freed, can start it meanwhile.
+    scripts = {"resnet-56-0": script("resnet-56-0", wait_for=["start resnet-20-0", "end plain-56-0"]),
+               "plain-56-0": script("plain-56-0", code=3, wait_for=["start resnet-56-0"]),
+               "resnet-20-0": script("resnet-20-0"), "plain-20-0": script("plain-20-0")}
     tasks = make_tasks(tmp_path, scripts)
     pins = [{"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "0"}, {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "1"}]
     out = io.StringIO()
     view = View(tasks, every=0, stream=out)
     codes = local.run_local(tasks, tmp_path, view, pins, poll=0.05)
     assert codes == {"resnet-56-0": 0, "plain-56-0": 3, "resnet-20-0": 0, "plain-20-0": 0}
-    records = {t.run: json.loads(next(line for line in t.log.read_text().splitlines() if line.startswith('{"start"')))
+    records = {t.run: json.loads(next(line for line in t.log.read_text().splitlines() if line.startswith('{"omp"')))
                for t in tasks}
+    order = events.read_text().splitlines()
+    assert sorted(order) == sorted(f"{e} {r}" for e in ("start", "end") for r in scripts), order
+    at = {e: order.index(e) for e in order}
     # the two deepest first, on both GPUs at once; the failed run's slot takes the next ones
-    assert records["plain-56-0"]["start"] < records["resnet-56-0"]["start"] + 1.0
+    assert {order[0], order[1]} == {"start resnet-56-0", "start plain-56-0"}, order
     assert {records[r]["gpu"] for r in ("resnet-56-0", "plain-56-0")} == {"0", "1"}
-    assert records["resnet-20-0"]["start"] < records["resnet-56-0"]["start"] + 1.5, "a failure stopped the queue"
+    assert at["start resnet-20-0"] < at["end resnet-56-0"], f"a failure stopped the queue: {order}"
+    assert at["end plain-56-0"] < at["start resnet-20-0"] < at["end resnet-20-0"] < at["start plain-20-0"], order
     assert all(r["omp"] == "1" for r in records.values())
     text = out.getvalue()
     assert "failed   plain-56-0: exit 3" in text and "done     resnet-56-0" in text

@@ -37,13 +37,6 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def steps_counted(monkeypatch) -> list:
-    """Count the training steps the next runs take: a resumed run takes only the rest."""
-    calls, real = [], engine.train_step
-    monkeypatch.setattr(engine, "train_step", lambda *a: calls.append(1) or real(*a))
-    return calls
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, small_dataset):
     """A finished tiny run, and the weights a run of each changed setting ends with from scratch."""
@@ -52,12 +45,10 @@ def finished(tmp_path_factory, small_dataset):
     return out
 
 
-def test_an_unchanged_finished_run_resumes_its_final_checkpoint(tmp_path, finished, small_dataset, monkeypatch,
-                                                               capsys):
+def test_an_unchanged_finished_run_resumes_its_final_checkpoint(tmp_path, finished, small_dataset, steps, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes((finished / "checkpoint.pt").read_bytes())
-    steps = steps_counted(monkeypatch)
     run(TINY, out, small_dataset)
     assert steps == [] and "resuming from" in capsys.readouterr().out
     assert same_weights(weights(out), weights(finished))
@@ -72,12 +63,11 @@ def test_an_unchanged_finished_run_resumes_its_final_checkpoint(tmp_path, finish
     {"shortcut": "B"},                     # train.shortcut is the grid's protocol, not the run's name
 ])
 def test_a_changed_setting_retrains_from_scratch_and_moves_the_old_checkpoint_aside(
-        tmp_path, finished, small_dataset, monkeypatch, capsys, change):
+        tmp_path, finished, small_dataset, steps, capsys, change):
     out, fresh = tmp_path / "run", tmp_path / "fresh"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes((finished / "checkpoint.pt").read_bytes())
     cfg = {**TINY, **change}
-    steps = steps_counted(monkeypatch)
     result = run(cfg, out, small_dataset)
     assert len(steps) == cfg["iterations"]  # every step trained again, none resumed
     said = capsys.readouterr().out
@@ -93,12 +83,11 @@ def test_a_changed_setting_retrains_from_scratch_and_moves_the_old_checkpoint_as
     assert result.metrics["iterations"] == cfg["iterations"] == json.loads((out / "run.json").read_text())["iterations"]
 
 
-def test_other_data_retrains(tmp_path, finished, small_dataset, monkeypatch, capsys):
+def test_other_data_retrains(tmp_path, finished, small_dataset, steps, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes((finished / "checkpoint.pt").read_bytes())
     other = dataclasses.replace(small_dataset, test_x=small_dataset.test_x[:60], test_y=small_dataset.test_y[:60])
-    steps = steps_counted(monkeypatch)
     run(TINY, out, other)
     assert len(steps) == TINY["iterations"] and "(data)" in capsys.readouterr().out
     ran = read_outputs(out)
@@ -106,44 +95,40 @@ def test_other_data_retrains(tmp_path, finished, small_dataset, monkeypatch, cap
     assert ran["made_by"]["data"] != read_outputs(finished)["made_by"]["data"]
 
 
-def test_other_training_code_retrains(tmp_path, finished, small_dataset, monkeypatch, capsys):
+def test_other_training_code_retrains(tmp_path, finished, small_dataset, monkeypatch, steps, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes((finished / "checkpoint.pt").read_bytes())
     monkeypatch.setattr(engine, "code_fingerprint", lambda: "a fix in models.py")
-    steps = steps_counted(monkeypatch)
     run(TINY, out, small_dataset)
     assert len(steps) == TINY["iterations"] and "(code)" in capsys.readouterr().out
     assert read_outputs(out)["made_by"]["code"] == "a fix in models.py"
 
 
-def test_a_checkpoint_from_another_device_type_retrains(tmp_path, finished, small_dataset, monkeypatch, capsys):
+def test_a_checkpoint_from_another_device_type_retrains(tmp_path, finished, small_dataset, steps, capsys):
     out = tmp_path / "run"
     out.mkdir()
     saved = torch.load(finished / "checkpoint.pt", weights_only=False)
     saved["made_by"]["device_type"] = "cuda"
     torch.save(saved, out / "checkpoint.pt")
-    steps = steps_counted(monkeypatch)
     run(TINY, out, small_dataset)
     assert len(steps) == TINY["iterations"] and "device cuda -> cpu" in capsys.readouterr().out
 
 
-def test_a_checkpoint_that_records_nothing_of_what_made_it_retrains(tmp_path, finished, small_dataset, monkeypatch):
+def test_a_checkpoint_that_records_nothing_of_what_made_it_retrains(tmp_path, finished, small_dataset, steps):
     out = tmp_path / "run"
     out.mkdir()
     saved = torch.load(finished / "checkpoint.pt", weights_only=False)
     del saved["made_by"]  # from before this change
     torch.save(saved, out / "checkpoint.pt")
-    steps = steps_counted(monkeypatch)
     run(TINY, out, small_dataset)
     assert len(steps) == TINY["iterations"] and len(list(out.glob("stale-checkpoint-*-changed-provenance.pt"))) == 1
 
 
-def test_checkpoint_every_changes_nothing_and_resumes(tmp_path, finished, small_dataset, monkeypatch):
+def test_checkpoint_every_changes_nothing_and_resumes(tmp_path, finished, small_dataset, steps):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes((finished / "checkpoint.pt").read_bytes())
-    steps = steps_counted(monkeypatch)
     run({**TINY, "checkpoint_every": 3}, out, small_dataset)
     assert steps == [] and not list(out.glob("stale-*"))
 

@@ -230,7 +230,40 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def test_grid_killed_with_sigkill_resumes_and_ends_identical(grid_project):
+# sitecustomize.py for the run killed mid-way: in a process where HELD_ENV names a file, the first
+# checkpoint replicate.train saves is followed by that file and then a wait until the kill. The
+# kill lands at a known iteration (the first checkpoint's) whatever the machine's speed.
+HELD_ENV = "REPLICATE_TEST_HOLD_AFTER_CHECKPOINT"
+HOLD_AFTER_CHECKPOINT = f"""import os, sys, time
+held = os.environ.get({HELD_ENV!r})
+if held:
+    import importlib.abc, importlib.util
+
+    class Hold(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "replicate.train":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                load(module)
+                save = module.save
+
+                def save_then_hold(*args):
+                    save(*args)
+                    open(held, "w").close()
+                    while True:
+                        time.sleep(1)
+                module.save = save_then_hold
+            spec.loader.exec_module = exec_module
+            return spec
+    sys.meta_path.insert(0, Hold())
+"""
+
+
+def test_grid_killed_with_sigkill_resumes_and_ends_identical(grid_project, tmp_path):
     """kill -9 of the grid runner's whole process tree (DVC, papermill, kernels) mid-run, then the
     same command again: no hand clears a lock, the interrupted run resumes from its checkpoint to
     the same weights as an uninterrupted one, and the finished runs are not trained again."""
@@ -241,16 +274,22 @@ def test_grid_killed_with_sigkill_resumes_and_ends_identical(grid_project):
     ref_history = pd.read_csv(out / "history.csv")
 
     (out / "checkpoint.pt").unlink()  # the stage's persisted output: now it has to train again
-    proc = subprocess.Popen([sys.executable, "-m", "replicate.grid", "--jobs", "2"], cwd=project, env=ENV,
+    hook, held = tmp_path / "hook", tmp_path / "held"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOLD_AFTER_CHECKPOINT)
+    path = os.pathsep.join(p for p in (str(hook), ENV.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen([sys.executable, "-m", "replicate.grid", "--jobs", "2"], cwd=project,
+                            env={**ENV, "PYTHONPATH": path, HELD_ENV: str(held)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
-    while not (out / "checkpoint.pt").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
+    while not held.exists():  # the run has saved its first checkpoint, and waits
+        assert proc.poll() is None, "the grid ended before the run's first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint after 180 s"
+        time.sleep(0.05)
     kill_tree(proc)
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
     saved = checkpoint["state"]["iteration"]
-    assert 0 < saved < 20, f"not interrupted mid-run (checkpoint at iteration {saved})"
+    assert 0 < saved < 20 and saved == TINY["checkpoint_every"], f"not interrupted mid-run (checkpoint at iteration {saved})"
     assert not (out / "metrics.json").exists()
     # Mark the checkpoint: training time adds up across resumes, so the final metrics show whether
     # the rerun started from it (a run from scratch would end with the same weights).

@@ -1,5 +1,6 @@
 """The training engine: the paper's schedule and warm-up, outputs, divergence and bad input."""
 
+import json
 import math
 import re
 
@@ -73,6 +74,21 @@ def test_outputs_and_the_reported_test_error_is_the_final_iterations(tmp_path, c
     assert torch.equal(model.fc.weight, result.model.fc.weight.cpu())
     responses = pd.read_csv(tmp_path / "responses.csv")
     assert responses.layer.tolist() == list(range(1, 8)) and (responses["std"] > 0).all()
+
+
+def test_the_reported_errors_are_the_final_evaluations_not_the_best(tmp_path, small_dataset, monkeypatch):
+    """metrics' test and validation errors are the last evaluation's, though an earlier one was lower."""
+    errors = iter([30.0, 35.0, 10.0, 15.0, 20.0, 25.0])  # (test, val) at iterations 10, 20 and 30
+    real = engine.evaluate  # still run: the final pass records Fig. 7's responses
+    monkeypatch.setattr(engine, "evaluate", lambda *args: (real(*args), next(errors))[1])
+    result = train(tiny(iterations=30, eval_every=10, val_size=100), dataset=small_dataset, out_dir=tmp_path,
+                   progress=False)
+    evaluated = result.history.dropna(subset=["test_error"])
+    assert evaluated.iteration.tolist() == [10, 20, 30]
+    assert evaluated.test_error.tolist() == [30.0, 10.0, 20.0] and evaluated.val_error.tolist() == [35.0, 15.0, 25.0]
+    assert (result.metrics["test_error"], result.metrics["val_error"]) == (20.0, 25.0)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert (m["test_error"], m["val_error"]) == (20.0, 25.0)
 
 
 def test_training_learns(small_dataset):
