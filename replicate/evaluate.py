@@ -3,7 +3,7 @@
 PATH is a run folder (its model.pt, or checkpoint.pt while unfinished), a model.pt, a
 checkpoint.pt, an export of `python -m replicate.export`, or a foreign checkpoint such as the
 PyTorch port's `.th`. The net comes from the tensors (depth, shortcut) and the metadata (plain or
-residual: metrics.json beside the weights, the checkpoint's config, the export's own); the input
+residual: run.json beside the weights, the checkpoint's config, the export's own); the input
 normalisation is the run's (the per-pixel mean of its training images) unless `--normalize
 imagenet`. Our runs are evaluated as train.py evaluated them (train.evaluate, eval mode, batches of
 1000, channels_last, bf16 autocast where the run used it and the device has it), so on the same
@@ -53,7 +53,7 @@ def numpy_globals() -> list:
 
 
 def locate(path: str) -> Source:
-    """Read PATH, with the metrics.json of its run folder when there is one."""
+    """Read PATH, with the run.json and metrics.json of its run folder when there are some."""
     p, notes = Path(path), []
     if p.is_dir():
         if (p / "model.pt").is_file():
@@ -65,7 +65,7 @@ def locate(path: str) -> Source:
                                     "replicate.train or a weights file")
     w = W.read(p, numpy_globals())
     info = dict(w.meta)
-    if w.kind == "state_dict" and (p.parent / "metrics.json").is_file():
+    if w.kind == "state_dict" and any((p.parent / name).is_file() for name in (outputs.RUN, outputs.METRICS)):
         m = outputs.read(p.parent)
         info = {**m.get("config", {}), **{k: v for k, v in m.items() if k != "config"}}
         w.meta = info
@@ -91,7 +91,7 @@ def architecture(src: Source, arch: str | None, depth: int | None, shortcut: str
         arch = "resnet"
         src.notes.append("foreign checkpoint without metadata: taken as resnet (pass --arch plain if it is a plain net)")
     if arch is None:
-        raise ValueError(f"{src.weights.path} is a bare state dict without metrics.json beside it: plain and residual "
+        raise ValueError(f"{src.weights.path} is a bare state dict without run.json beside it: plain and residual "
                          "nets have the same tensors, so pass --arch plain or --arch resnet")
     return arch, depth or found["depth"], shortcut or found["shortcut"]
 

@@ -306,8 +306,10 @@ def resume(check: Check, seconds: float) -> dict:
     result["killed"] = proc.returncode == -signal.SIGKILL
     result["killed_at_checkpoint"] = torch.load(cut / "checkpoint.pt", map_location="cpu",
                                                 weights_only=False)["state"]["iteration"]
-    subprocess.run(train_command(check, cut, True), env=env, check=True, capture_output=True,
-                   timeout=max(120, deadline - time.monotonic()))
+    again = subprocess.run(train_command(check, cut, True), env=env, check=True, capture_output=True, text=True,
+                           timeout=max(120, deadline - time.monotonic()))
+    # a restart from iteration 0 ends with the same weights: only this line proves a resume
+    result["resumed"] = f"resuming from {cut / 'checkpoint.pt'} at iteration {result['killed_at_checkpoint']:,}" in again.stdout
     a, b = (torch.load(p / "model.pt", map_location="cpu") for p in (whole, cut))
     result["identical_weights"] = all(torch.equal(a[k], b[k]) for k in a)
     result["max_abs_difference"] = max((a[k].double() - b[k].double()).abs().max().item() for k in a)

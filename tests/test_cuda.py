@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from conftest import train_until_first_checkpoint
 from replicate import data as cifar
 from replicate import local
 from replicate.device import fix_cublas_workspace
@@ -41,13 +42,16 @@ def test_a_few_hundred_steps_learn_on_the_gpu(dataset):
     assert m["test_error"] < 50  # chance is 90%
 
 
-def test_deterministic_resume_ends_with_identical_weights(dataset, tmp_path):
-    """200 iterations in one go, against 100, a new process's worth of state from the checkpoint
-    (loaded onto the CPU first), and 100 more."""
-    cfg = dict(RUN, iterations=200, milestones=[150], deterministic=True)
-    whole = train(Config(**cfg), dataset=dataset, progress=False).model.state_dict()
-    train(Config(**{**cfg, "iterations": 100}), dataset=dataset, out_dir=tmp_path, progress=False)
-    resumed = train(Config(**cfg), dataset=dataset, out_dir=tmp_path, progress=False).model.state_dict()
+def test_deterministic_resume_ends_with_identical_weights(dataset, tmp_path, steps):
+    """200 iterations in one go, against a run stopped at its checkpoint at 100, a new process's
+    worth of state from it (loaded onto the CPU first), and the 100 steps left (counted: a
+    restart from 0 would end with the same weights)."""
+    cfg = Config(**dict(RUN, iterations=200, milestones=[150], checkpoint_every=100, deterministic=True))
+    whole = train(cfg, dataset=dataset, progress=False).model.state_dict()
+    train_until_first_checkpoint(cfg, tmp_path, dataset)
+    steps.clear()
+    resumed = train(cfg, dataset=dataset, out_dir=tmp_path, progress=False).model.state_dict()
+    assert len(steps) == 100
     assert all(torch.equal(whole[k], resumed[k]) for k in whole), [k for k in whole if not torch.equal(whole[k], resumed[k])]
 
 
