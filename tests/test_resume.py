@@ -150,7 +150,7 @@ def test_resume_loads_the_checkpoint_onto_the_cpu_whatever_the_device(tmp_path, 
     """On CUDA, torch.load(map_location=<the GPU>) put the saved RNG states on the GPU, and
     torch.set_rng_state takes only a CPU ByteTensor: every resume failed. Here any map_location but
     the CPU's sends the tensors to the meta device, as a GPU would take them off the CPU."""
-    train(Config(**{**TINY, "iterations": 10}), dataset=small_dataset, out_dir=tmp_path, progress=False)
+    train_until_first_checkpoint(Config(**TINY), tmp_path, small_dataset)
     real_load, seen = torch.load, []
 
     def load_like_a_gpu(path, map_location=None, **kwargs):
