@@ -1,4 +1,6 @@
-"""torch.hub entry points for the paper's CIFAR-10 nets (He et al. 2015, section 4.2).
+"""torch.hub entry points for the paper's CIFAR-10 nets (He et al. 2015, section 4.2), and the
+sequel's ResNet-110, -164 and -1001 (He et al. 2016, Table 3: pre-activation and original units;
+`num_classes=100` for CIFAR-100).
 
     model = torch.hub.load("path/to/checkout", "resnet56", source="local",
                            weights="resnet-56-0-1a2b3c4d.pt", sha256="1a2b3c4d...")
@@ -68,3 +70,30 @@ def plain56(weights=None, sha256=None, progress=True, **kwargs):
 def plain110(weights=None, sha256=None, progress=True, **kwargs):
     """Plain-110 for CIFAR-10, no shortcuts (1.7M parameters; over 60% error in the paper). weights=, sha256=."""
     return _load("plain", 110, weights, sha256=sha256, progress=progress, **kwargs)
+
+
+def preact_resnet110(weights=None, sha256=None, progress=True, num_classes=10, **kwargs):
+    """Pre-activation ResNet-110, basic units (He et al. 2016, Table 3: 1.7M parameters, 6.37%). weights=, sha256=."""
+    return _load("preact", 110, weights, sha256=sha256, progress=progress, num_classes=num_classes, **kwargs)
+
+
+def preact_resnet164(weights=None, sha256=None, progress=True, num_classes=10, **kwargs):
+    """Pre-activation ResNet-164, bottleneck units (2016, Table 3: 1.7M parameters, 5.46%; CIFAR-100 24.33%)."""
+    return _load("preactbottleneck", 164, weights, sha256=sha256, progress=progress, num_classes=num_classes,
+                 **kwargs)
+
+
+def preact_resnet1001(weights=None, sha256=None, progress=True, num_classes=10, **kwargs):
+    """Pre-activation ResNet-1001, bottleneck units (2016, Table 3: 10.2M parameters, 4.92%; CIFAR-100 22.71%)."""
+    return _load("preactbottleneck", 1001, weights, sha256=sha256, progress=progress, num_classes=num_classes,
+                 **kwargs)
+
+
+def resnet164(weights=None, sha256=None, progress=True, num_classes=10, **kwargs):
+    """ResNet-164 of original bottleneck units (2016, Table 3: 5.93%; CIFAR-100 25.16%). weights=, sha256=."""
+    return _load("bottleneck", 164, weights, sha256=sha256, progress=progress, num_classes=num_classes, **kwargs)
+
+
+def resnet1001(weights=None, sha256=None, progress=True, num_classes=10, **kwargs):
+    """ResNet-1001 of original bottleneck units (2016, Table 3: 7.61%; CIFAR-100 27.82%). weights=, sha256=."""
+    return _load("bottleneck", 1001, weights, sha256=sha256, progress=progress, num_classes=num_classes, **kwargs)

@@ -34,7 +34,7 @@ from . import outputs
 
 MANIFEST = "MANIFEST.json"
 HUB_ENTRY_POINTS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
-                    "plain20", "plain32", "plain44", "plain56", "plain110")  # hubconf.py's
+                    "plain20", "plain32", "plain44", "plain56", "plain110")  # hubconf.py's <arch><depth> ones (2015)
 CARD = "README.md"
 
 

@@ -2,6 +2,9 @@
 
 Plain and residual nets are the same class; the only difference is whether each block adds its
 shortcut. That single switch is the experiment the paper runs.
+
+`build` and `check_depth` also serve the sequel's nets (He et al. 2016: pre-activation and
+bottleneck units, Tables 1-3), which live in replicate/preact.py and reuse this module's pieces.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from .batchnorm import GroupBatchNorm2d
 __all__ = [
     "CifarResNet",
     "BasicBlock",
+    "PadShortcut",
+    "norm_layer",
+    "init_weights",
     "build",
     "check_depth",
     "plain20", "plain32", "plain44", "plain56", "plain110", "plain1202",
@@ -28,7 +34,7 @@ __all__ = [
     "load_by_order",
 ]
 
-ARCHS = ("plain", "resnet")
+ARCHS = ("plain", "resnet")  # the 2015 nets; the 2016 ones are replicate/preact.py's ARCHS
 SHORTCUTS = ("A", "B")
 
 
@@ -94,7 +100,7 @@ class CifarResNet(nn.Module):
         check_depth(arch, depth, shortcut)
         n = (depth - 2) // 6
         self.arch, self.depth, self.shortcut = arch, depth, shortcut
-        norm = partial(GroupBatchNorm2d, group_size=bn_batch_size) if bn_batch_size else nn.BatchNorm2d
+        norm = norm_layer(bn_batch_size)
         self.in_planes = 16
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
         self.bn1 = norm(16)
@@ -104,15 +110,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._make_layer(64, n, 2, norm)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # He et al. 2015 ("Delving deep"), std sqrt(2 / (k*k*out_channels)), as in
-                # torchvision and fb.resnet.torch.
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int, norm: Callable[[int], nn.Module]) -> nn.Sequential:
         layers = []
@@ -127,10 +125,39 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def check_depth(arch: str, depth: int, shortcut: str = "A") -> None:
-    """Raise ValueError unless (arch, depth, shortcut) names one of the paper's CIFAR nets."""
+def norm_layer(bn_batch_size: int | None) -> Callable[[int], nn.Module]:
+    """BN over the whole batch (None), or over each group of `bn_batch_size` images."""
+    return partial(GroupBatchNorm2d, group_size=bn_batch_size) if bn_batch_size else nn.BatchNorm2d
+
+
+def init_weights(model: nn.Module) -> None:
+    """He init of every conv, BN as the identity; linear layers keep PyTorch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            # He et al. 2015 ("Delving deep"), std sqrt(2 / (k*k*out_channels)), as in
+            # torchvision and fb.resnet.torch.
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _sequel():
+    """replicate/preact.py, imported on use: it builds on this module's pieces."""
+    from . import preact
+    return preact
+
+
+def check_depth(arch: str, depth: int, shortcut: str | None = None) -> None:
+    """Raise ValueError unless (arch, depth, shortcut) names one of the papers' CIFAR nets
+    (shortcut None: the paper's for that net, 'A' for the 2015 ones)."""
     if arch not in ARCHS:
-        raise ValueError(f"arch must be 'plain' or 'resnet', got {arch!r}")
+        sequel = _sequel()
+        if arch not in sequel.ARCHS:
+            raise ValueError(f"arch must be 'plain' or 'resnet' (He et al. 2015) or one of He et al. 2016's "
+                             f"{', '.join(sequel.ARCHS)}, got {arch!r}")
+        return sequel.check_depth(arch, depth, shortcut)
+    shortcut = "A" if shortcut is None else shortcut
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(
             f"depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, 1202, ...), got {depth!r}"
@@ -141,11 +168,17 @@ def check_depth(arch: str, depth: int, shortcut: str = "A") -> None:
         )
 
 
-def build(arch: str, depth: int, *, shortcut: str = "A", num_classes: int = 10,
-          bn_batch_size: int | None = None) -> CifarResNet:
-    """The paper's CIFAR-10 net: `arch` 'plain' or 'resnet', `depth` 6n+2, `shortcut` 'A' or 'B';
-    `bn_batch_size` 64 normalises each group of 64 training images apart, as the paper's two GPUs did."""
-    return CifarResNet(arch, depth, shortcut, num_classes, bn_batch_size)
+def build(arch: str, depth: int, *, shortcut: str | None = None, num_classes: int = 10,
+          bn_batch_size: int | None = None, **options) -> nn.Module:
+    """The paper's CIFAR-10 net: `arch` 'plain' or 'resnet', `depth` 6n+2, `shortcut` 'A' (None) or 'B';
+    `bn_batch_size` 64 normalises each group of 64 training images apart, as the paper's two GPUs did.
+    The sequel's archs (replicate/preact.py, docs/sequel.md) take their `options` as keywords."""
+    if arch not in ARCHS:
+        check_depth(arch, depth, shortcut)
+        return _sequel().CifarResNet2016(arch, depth, shortcut, num_classes, bn_batch_size, **options)
+    if options:
+        raise TypeError(f"{arch} takes no option {', '.join(options)}: only the 2016 nets have options")
+    return CifarResNet(arch, depth, "A" if shortcut is None else shortcut, num_classes, bn_batch_size)
 
 
 def plain20(**kw) -> CifarResNet:
@@ -208,8 +241,11 @@ def resnet1202(**kw) -> CifarResNet:
     return build("resnet", 1202, **kw)
 
 
-def response_layers(model: CifarResNet) -> list[nn.BatchNorm2d]:
-    """The BN after every 3x3 conv, in network order: the 'responses' of the paper's Fig. 7."""
+def response_layers(model: nn.Module) -> list[nn.Module]:
+    """The BN after every 3x3 conv, in network order: the 'responses' of the paper's Fig. 7.
+    A 2016 net names its own (each residual branch's last layer: CifarResNet2016.response_layers)."""
+    if not isinstance(model, CifarResNet):
+        return model.response_layers()
     bns = [model.bn1]
     for layer in (model.layer1, model.layer2, model.layer3):
         for block in layer:
@@ -219,7 +255,7 @@ def response_layers(model: CifarResNet) -> list[nn.BatchNorm2d]:
 
 @contextmanager
 def record_responses(model: CifarResNet) -> Iterator[list[float]]:
-    """Hook every 3x3 layer's output (after BN, before ReLU or addition).
+    """Hook every 3x3 layer's output (after BN, before ReLU or addition): `response_layers`.
 
     Yields a list that, on exit, holds each layer's standard deviation over all values seen
     while the context was open (all images, channels and positions), in network order.

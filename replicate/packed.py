@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import CifarResNet, check_depth
+from .models import ARCHS, CifarResNet, check_depth
 
 
 class PackedBlock(nn.Module):
@@ -50,6 +50,8 @@ class PackedResNet(nn.Module):
     def __init__(self, arch: str, depth: int, k: int, num_classes: int = 10):
         super().__init__()
         check_depth(arch, depth, "A")
+        if arch not in ARCHS:  # check_depth also knows the 2016 nets (replicate/preact.py)
+            raise ValueError(f"packing covers the 2015 nets ('plain', 'resnet'), not {arch!r}")
         n, self.k = (depth - 2) // 6, k
         self.conv1 = nn.Conv2d(3 * k, 16 * k, 3, padding=1, bias=False, groups=k)
         self.bn1 = nn.BatchNorm2d(16 * k)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .models import CifarResNet, build, load_by_order
+from .models import ARCHS, build, load_by_order
 
 FORMAT = "replicate-weights/1"
 # How the port's checkpoints were trained: [0, 1] inputs normalised per channel like ImageNet's.
@@ -87,7 +87,7 @@ def parse(obj, path: str = "<object>") -> Weights:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return Weights(path, "foreign", _tensors(obj["state_dict"], path))
     sd = _tensors(obj, path)
-    ours = all(k.split(".")[0] in ("conv1", "bn1", "layer1", "layer2", "layer3", "fc") for k in sd)
+    ours = all(k.split(".")[0] in ("conv1", "bn1", "layer1", "layer2", "layer3", "bn", "fc") for k in sd)
     return Weights(path, "state_dict" if ours else "foreign", sd)
 
 
@@ -139,10 +139,11 @@ def architecture(w: Weights) -> dict:
     return {"arch": arch, "depth": depth, "shortcut": shortcut}
 
 
-def to_model(w: Weights, arch: str, depth: int, shortcut: str, bn_batch_size: int | None = None) -> CifarResNet:
-    """`build(arch, depth, shortcut)` holding the tensors of `w`: by name when the keys are ours,
-    else by order (the port's layout). Any mismatch names the file."""
-    model = build(arch, depth, shortcut=shortcut, bn_batch_size=bn_batch_size)
+def to_model(w: Weights, arch: str, depth: int, shortcut: str | None, bn_batch_size: int | None = None,
+             **options) -> torch.nn.Module:
+    """`build(arch, depth, shortcut, **options)` holding the tensors of `w`: by name when the keys are
+    ours, else by order (the port's layout). Any mismatch names the file."""
+    model = build(arch, depth, shortcut=shortcut, bn_batch_size=bn_batch_size, **options)
     try:
         if set(w.state_dict) == set(model.state_dict()):
             model.load_state_dict(w.state_dict)
@@ -198,16 +199,26 @@ def fetch(weights: str | Path, sha256_hex: str | None = None, progress: bool = T
 
 
 def load(arch: str, depth: int, weights: str | Path | None = None, *, sha256: str | None = None,
-         progress: bool = True, **kwargs) -> CifarResNet:
+         progress: bool = True, **kwargs) -> torch.nn.Module:
     """torch.hub's entry points: `build(arch, depth, **kwargs)`, with `weights` (a path or URL,
     checked by `sha256`) loaded and the model put in eval mode. Refuses weights whose tensors or
     metadata are of another depth, arch or shortcut. `model.meta` keeps the file's metadata: the
-    per-pixel `mean` its inputs need (images in [0, 1] minus the mean), for our exports."""
+    per-pixel `mean` its inputs need (images in [0, 1] minus the mean), for our exports. The 2016
+    nets' tensors fit no 2015 net: their arch and depth are the metadata's, and loading checks them."""
     if weights is None:
         model = build(arch, depth, **kwargs)
         model.meta = {}
         return model
     w = read(fetch(weights, sha256, progress))
+    if arch not in ARCHS:  # a 2016 net (replicate/preact.py): its tensors are checked as they load
+        said = (w.meta.get("arch", arch), int(w.meta.get("depth", depth)))
+        if said != (arch, depth):
+            raise ValueError(f"{weights} holds {said[0]}-{said[1]}, not {arch}-{depth}: use that net's entry "
+                             "point, or other weights")
+        options = {"shortcut": w.meta.get("shortcut"), "bn_batch_size": w.meta.get("bn_batch_size"), **kwargs}
+        model = to_model(w, arch, depth, **options)
+        model.meta = w.meta
+        return model.eval()
     found = architecture(w)
     if found["depth"] != depth or found["arch"] not in (None, arch):
         have = f"{found['arch']}-{found['depth']}" if found["arch"] else f"a net of depth {found['depth']}"

@@ -27,7 +27,8 @@ from conftest import ROOT, train_until_first_checkpoint
 TINY = dict(depth=8, iterations=6, milestones=[3], batch_size=16, log_every=3, eval_every=3, checkpoint_every=3,
             device="cpu", compile=False)
 ENTRY_POINTS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
-                "plain20", "plain32", "plain44", "plain56", "plain110"]
+                "plain20", "plain32", "plain44", "plain56", "plain110",
+                "preact_resnet110", "preact_resnet164", "preact_resnet1001", "resnet164", "resnet1001"]  # 2016
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,17 @@
 """The networks: the paper's parameter counts, option A/B shortcuts, layout, init, Fig. 7 hooks."""
 
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from replicate import models
 from replicate.models import build, load_by_order, record_responses, response_layers
+from replicate.weights import imagenet_normalize
 
 # Exact counts with option A (Table 6 rounds them to 0.27M, 0.46M, 0.66M, 0.85M, 1.7M).
 PARAMS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962}
@@ -150,3 +156,70 @@ def test_load_by_order_rejects_another_architecture_by_name():
         load_by_order(build("resnet", 20), published_layout(build("resnet", 32)))
     with pytest.raises(ValueError, match="different architecture"):
         load_by_order(build("resnet", 20), published_layout(build("resnet", 20, num_classes=100)))
+
+
+# sha256 (first 16 hex digits) of every initial tensor, names and bytes in state-dict order, of each
+# 2015 net built after torch.manual_seed(0), and the next draw of the RNG: computed from the code
+# before the 2016 nets came (commit 9508d80). A change to the classes, the order of registration or
+# of initialisation shows here. Plain nets have no shortcut tensors: A and B are the same net.
+INITIAL_WEIGHTS = {
+    ("plain", 20, "A"): ("ddf1ff18afc6998c", 0.7549993991851807),
+    ("plain", 32, "A"): ("806e2fbea538314e", 0.7104988694190979),
+    ("plain", 44, "A"): ("d19803c68cb4c20b", 0.1141018271446228),
+    ("plain", 56, "A"): ("ad6141c91fb3c661", 0.2676377296447754),
+    ("plain", 110, "A"): ("32399eb195b1ce76", 0.8304648399353027),
+    ("plain", 1202, "A"): ("0c9eded71293cd07", 0.8998039960861206),
+    ("plain", 20, "B"): ("ddf1ff18afc6998c", 0.7549993991851807),
+    ("resnet", 20, "A"): ("ddf1ff18afc6998c", 0.7549993991851807),
+    ("resnet", 32, "A"): ("806e2fbea538314e", 0.7104988694190979),
+    ("resnet", 44, "A"): ("d19803c68cb4c20b", 0.1141018271446228),
+    ("resnet", 56, "A"): ("ad6141c91fb3c661", 0.2676377296447754),
+    ("resnet", 110, "A"): ("32399eb195b1ce76", 0.8304648399353027),
+    ("resnet", 1202, "A"): ("0c9eded71293cd07", 0.8998039960861206),
+    ("resnet", 20, "B"): ("8ffd1d5d25cadde7", 0.9832592010498047),
+    ("resnet", 32, "B"): ("255a1d11551074c6", 0.5600237846374512),
+    ("resnet", 44, "B"): ("05a833392256d0ab", 0.9406148195266724),
+    ("resnet", 56, "B"): ("c0cd85145616b184", 0.22517943382263184),
+    ("resnet", 110, "B"): ("25ee79237a1f1355", 0.2811242341995239),
+    ("resnet", 1202, "B"): ("3367bcbb8ddad107", 0.6073118448257446),
+}
+
+
+def initial_checksum(arch: str, depth: int, shortcut: str, **kwargs) -> tuple[str, float]:
+    torch.manual_seed(0)
+    model = build(arch, depth, shortcut=shortcut, **kwargs)
+    digest = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        digest.update(k.encode())
+        digest.update(v.contiguous().numpy().tobytes())
+    assert type(model) is models.CifarResNet
+    assert {type(b) for layer in (model.layer1, model.layer2, model.layer3) for b in layer} == {models.BasicBlock}
+    return digest.hexdigest()[:16], torch.rand(1).item()
+
+
+@pytest.mark.parametrize("arch, depth, shortcut", INITIAL_WEIGHTS)
+def test_2015_nets_initialise_bitwise_as_before(arch, depth, shortcut):
+    assert initial_checksum(arch, depth, shortcut) == INITIAL_WEIGHTS[arch, depth, shortcut]
+    # the BN of the paper's two GPUs (bn_batch_size) draws nothing more
+    assert initial_checksum(arch, depth, shortcut, bn_batch_size=64) == INITIAL_WEIGHTS[arch, depth, shortcut]
+
+
+REFERENCE = Path(os.environ.get("REPLICATE_REFERENCE", "/work/shared/reference"))
+PUBLISHED_ERRORS = {20: 8.36, 32: 7.18, 44: 6.59, 56: 7.28}  # reference/README.md, on its 1017-image sample
+
+
+@pytest.mark.skipif(not (REFERENCE / "cifar10-sample.npz").is_file(), reason="no reference folder (a developer's)")
+@pytest.mark.parametrize("depth", PUBLISHED_ERRORS)
+def test_published_weights_load_tensor_by_tensor_and_keep_their_error(depth):
+    [path] = REFERENCE.glob(f"resnet{depth}-*.th")
+    theirs = [v for k, v in torch.load(path, map_location="cpu", weights_only=False)["state_dict"].items()
+              if not k.endswith("num_batches_tracked")]
+    model = torch.hub.load(str(Path(__file__).resolve().parent.parent), f"resnet{depth}", source="local",
+                           weights=str(path))
+    ours = [v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
+    assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    sample = np.load(REFERENCE / "cifar10-sample.npz")
+    with torch.no_grad():
+        logits = model(imagenet_normalize(sample["test_x"]))
+    error = 100 * (logits.argmax(1).numpy() != sample["test_y"]).mean()
+    assert error == pytest.approx(PUBLISHED_ERRORS[depth], abs=0.05)
