@@ -42,8 +42,8 @@ def code_commit() -> str | None:
 # The code a training run executes: the train stages' code dependencies in dvc.yaml (stage `check`
 # keeps the two lists equal). A checkpoint made by other code is not resumed (replicate/checkpoint.py).
 TRAINING_CODE = ("replicate/__init__.py", "replicate/batchnorm.py", "replicate/checkpoint.py", "replicate/data.py",
-                 "replicate/device.py", "replicate/models.py", "replicate/outputs.py", "replicate/train.py",
-                 "replicate/pipeline.py",
+                 "replicate/device.py", "replicate/models.py", "replicate/outputs.py", "replicate/preact.py",
+                 "replicate/train.py", "replicate/pipeline.py",
                  "notebooks/train.ipynb")
 
 
