@@ -9,7 +9,7 @@ imagenet`. Our runs are evaluated as train.py evaluated them (train.evaluate, ev
 1000, channels_last, bf16 autocast where the run used it and the device has it). The error is
 metrics.json's test_error exactly on the CPU that trained the run, at the same thread count, and on
 CUDA with `deterministic: true`; on CUDA without it cuDNN's benchmark picks its algorithms anew in
-each process, so a few images may flip (a few hundredths of a percent).
+each process, so a few images may flip.
 """
 
 from __future__ import annotations
