@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from . import local, pipeline, slurm
+from . import gpus, local, pipeline, slurm
 from .tasks import Task, View, outcome, pins_text, rel
 
 
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         names = [r.name for r in pipeline.runs(params, args.profile)]
         local.parse_jobs(args.jobs)  # before any DVC command runs
         options = slurm_options(params, args.slurm) if args.executor == "slurm" else {}
+        if args.executor == "local":  # a Slurm task checks on its own node (pipeline.train_stage)
+            gpus.check_gpus_usable(str(pipeline.train_params(params, args.profile).get("device", "auto")))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

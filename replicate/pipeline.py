@@ -29,6 +29,7 @@ import yaml
 
 from . import TRAINING_CODE
 from . import data as cifar
+from .gpus import check_gpus_usable
 from .train import NO_EFFECT, Config, did_you_mean, type_errors
 
 PARAMS = "params.yaml"
@@ -292,7 +293,7 @@ def train_stage(run: Run, out: str | Path, params_path: str | Path = PARAMS, not
     interrupted run is resumed (DVC keeps it: `persist: true`).
     """
     params = load_params(params_path)
-    config(params, run, profile)  # a clear error now, not from inside the kernel
+    check_gpus_usable(config(params, run, profile).device)  # a clear error now, not from inside the kernel
     out = Path(out)
     parameters = notebook_parameters(params, run, os.path.relpath(data_root, out), ".", profile)
     return execute_notebook(notebook, out / "train.ipynb", parameters, cwd=out, stream=True)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, code_commit, code_fingerprint, outputs
 from . import data as cifar
 from .device import compile_pays, device_name, native_bf16, pick_device, precision, set_backends
+from .gpus import check_gpus_usable
 from .models import build, check_depth, record_responses
 
 CHECKPOINT = "checkpoint.pt"
@@ -442,7 +443,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"{params} has no train section (see params.yaml)")
             values.update(section)
         values.update({k: v for k, v in args.items() if v is not None})
-        result = train(Config.from_dict(values), data_root, out)
+        cfg = Config.from_dict(values)
+        check_gpus_usable(cfg.device)
+        result = train(cfg, data_root, out)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps({k: v for k, v in result.metrics.items() if k not in ("config", "made_by")}, indent=2))
