@@ -9,6 +9,7 @@ a train stage (python -m replicate.pipeline train) and python -m replicate.train
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -152,9 +153,76 @@ def check_gpus_usable(device: str = "auto") -> None:
                        f"(Or train on the CPU on purpose: device: cpu in params.yaml, --device cpu; days for the grid.)")
 
 
-if __name__ == "__main__":  # python -m replicate.gpus: the check alone
+# The device of the preflight's step: the GPU of the first slot. Tests set "cpu" to run it here.
+PREFLIGHT_DEVICE = "cuda"
+PREFLIGHT_TIMEOUT_S = 600  # CUDA's start and one step take seconds; a hang must not stop the grid for good
+
+
+def preflight(config: dict, pin: dict[str, str], device: str | None = None) -> dict:
+    """Start CUDA and take one eager training step of `config` (the grid's deepest net, at its
+    batch and precision) in a subprocess pinned like the first slot, so that what would fail in
+    every worker an hour later fails now, and the grid's own process never initialises CUDA.
+    Returns what the step took (peak_gib: torch.cuda.max_memory_allocated); raises GpusUnusable."""
+    device = device or PREFLIGHT_DEVICE
+    argv = [sys.executable, "-m", "replicate.gpus", "--preflight", json.dumps({**config, "device": device})]
+    net = f"{config['arch']}-{config['depth']} at batch {config['batch_size']}"
+    where = " ".join(f"{k}={v}" for k, v in pin.items() if k == "CUDA_VISIBLE_DEVICES") or "this machine"
     try:
-        check_gpus_usable(sys.argv[1] if len(sys.argv) > 1 else "auto")
+        done = subprocess.run(argv, env={**os.environ, **pin}, capture_output=True, text=True,
+                              timeout=PREFLIGHT_TIMEOUT_S)
+        code, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as e:
+        code, output = None, f"timed out after {e.timeout:.0f} s"
+    if code != 0:
+        lines = [line for line in str(output).strip().splitlines() if line.strip()] or ["no output"]
+        tail = "\n".join(f"  {line}" for line in lines[-8:])
+        raise GpusUnusable(f"the preflight on the first slot ({where}) failed: starting CUDA and one eager training "
+                           f"step of {net} ({device}):\n{tail}\nNo run was started: every worker would fail the same "
+                           f"way. Fix the cause (above), then run the same command again.")
+    found = json.loads(output.strip().splitlines()[-1])
+    return {**found, "where": where, "net": net}
+
+
+def _preflight_step(config: dict) -> dict:
+    """The preflight's child: CUDA's start, the engine on a batch of generated images, one step."""
+    import resource
+    import time
+
+    from . import data as cifar
+    from .train import Config, make_engine, train_step
+
+    start = time.perf_counter()
+    cfg = Config.from_dict({**config, "compile": False, "val_size": 0})
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.init()
+    engine = make_engine(cfg, cifar.synthetic(2 * cfg.batch_size, 10, seed=0))
+    x, y = engine.loader.batch(0)
+    loss = train_step(engine.model, engine.optimizer, x, y, engine.autocast)[0].item()  # .item(): waits for the GPU
+    if device.type == "cuda":
+        peak, what = torch.cuda.max_memory_allocated(device), "GPU memory (torch.cuda.max_memory_allocated)"
+    else:  # the tests' stand-in: the process's peak resident memory (ru_maxrss, KiB on Linux)
+        peak, what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process memory (ru_maxrss)"
+    return {"seconds": round(time.perf_counter() - start, 2), "peak_gib": round(peak / 2**30, 3), "peak_of": what,
+            "precision": engine.precision, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else "cpu", "loss": loss}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m replicate.gpus [DEVICE]: the check alone; --preflight CONFIG_JSON: the preflight's child."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--preflight"]:
+        try:
+            print(json.dumps(_preflight_step(json.loads(argv[1]))))
+        except Exception as e:  # noqa: BLE001 - whatever fails is the answer, one line for the grid to show
+            sys.exit(f"{type(e).__name__}: {str(e).strip()}")
+        return
+    try:
+        check_gpus_usable(argv[0] if argv else "auto")
     except GpusUnusable as e:
         sys.exit(f"error: {e}")
     print("ok")
+
+
+if __name__ == "__main__":
+    main()

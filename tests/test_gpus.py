@@ -3,6 +3,7 @@ build the driver is too old for, or one without kernels for the GPU, stops every
 the driver, the CUDA version, the GPU and the fix, instead of training on the CPU for days."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,49 @@ def test_every_entry_point_that_trains_stops_first(machine, monkeypatch, tmp_pat
     with pytest.raises(SystemExit, match="(?s)driver is 550.54.15.*make install TORCH_INDEX="):
         grid.main(["--jobs", "1"])
     assert local.visible_gpus() == []  # what used to send the grid to the CPU without a word
+
+
+PIN = {"CUDA_VISIBLE_DEVICES": "0", "OMP_NUM_THREADS": "2"}
+
+
+@pytest.fixture
+def grid_on_a_gpu(monkeypatch):
+    """grid.main up to its workers, with one GPU slot: no DVC, and run_local records that it ran."""
+    started = []
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(grid, "dvc", lambda *args, root, capture=False: subprocess.CompletedProcess(args, 0))
+    monkeypatch.setattr(grid, "pending", lambda stages, root: stages)
+    monkeypatch.setattr(local, "slots", lambda jobs, n_runs: [PIN])
+    monkeypatch.setattr(local, "run_local", lambda tasks, root, view, pins, again=None:
+                        started.append(pins) or {t.run: 0 for t in tasks})
+    return started
+
+
+def test_the_grid_preflight_runs_the_deepest_step_and_prints_its_memory(grid_on_a_gpu, monkeypatch, capsys):
+    monkeypatch.setattr(gpus, "PREFLIGHT_DEVICE", "cpu")  # the GPU path, its step on this CPU
+    grid.main(["--profile", "quick", "--jobs", "1"])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("grid: preflight"))
+    assert "on CUDA_VISIBLE_DEVICES=0" in line and re.search(r"one eager step of (plain|resnet)-56 at batch 128", line)
+    assert re.search(r"peak process memory \(ru_maxrss\) \d+\.\d\d GiB", line), line
+    assert grid_on_a_gpu == [[PIN]]  # then the workers started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA cannot start")
+def test_a_failed_preflight_stops_the_grid_before_any_worker(grid_on_a_gpu):
+    """What every worker would meet an hour later (here CUDA cannot start: no driver) stops the grid now."""
+    with pytest.raises(SystemExit) as e:
+        grid.main(["--profile", "quick", "--jobs", "1"])
+    text = str(e.value)
+    assert re.match(r"error: the preflight on the first slot \(CUDA_VISIBLE_DEVICES=0\) failed: starting CUDA "
+                    r"and one eager training step of (plain|resnet)-56 at batch 128 \(cuda\):", text), text
+    print(f"\n{text}")
+    assert "RuntimeError" in text and "No run was started" in text and "Traceback" not in text
+    assert grid_on_a_gpu == []
+
+
+def test_a_cpu_grid_has_no_preflight(grid_on_a_gpu, monkeypatch):
+    monkeypatch.setattr(local, "slots", lambda jobs, n_runs: [{"OMP_NUM_THREADS": "1"}])
+    monkeypatch.setattr(gpus, "preflight", lambda *a, **k: pytest.fail("a preflight on a CPU machine"))
+    grid.main(["--profile", "quick", "--jobs", "1"])
+    assert grid_on_a_gpu == [[{"OMP_NUM_THREADS": "1"}]]
