@@ -29,7 +29,6 @@ import yaml
 
 from . import TRAINING_CODE
 from . import data as cifar
-from .gpus import check_gpus_usable
 from .train import NO_EFFECT, Config, did_you_mean, type_errors
 
 PARAMS = "params.yaml"
@@ -292,6 +291,8 @@ def train_stage(run: Run, out: str | Path, params_path: str | Path = PARAMS, not
     notebook can be opened and rerun in JupyterLab where it lies. A checkpoint left in `out` by an
     interrupted run is resumed (DVC keeps it: `persist: true`).
     """
+    from .gpus import check_gpus_usable  # here: it cannot change results, so no dep of the stages (dvc.yaml)
+
     params = load_params(params_path)
     check_gpus_usable(config(params, run, profile).device)  # a clear error now, not from inside the kernel
     out = Path(out)

@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from . import checkpoint, code_commit, code_fingerprint, outputs
 from . import data as cifar
 from .device import compile_pays, device_name, native_bf16, pick_device, precision, set_backends
-from .gpus import check_gpus_usable
 from .models import build, check_depth, record_responses
 
 CHECKPOINT = "checkpoint.pt"
@@ -473,6 +472,8 @@ def main(argv: list[str] | None = None) -> None:
             values.update(section)
         values.update({k: v for k, v in args.items() if v is not None})
         cfg = Config.from_dict(values)
+        from .gpus import check_gpus_usable  # here: it cannot change results, so no dep of the stages (dvc.yaml)
+
         check_gpus_usable(cfg.device)
         result = train(cfg, data_root, out)
     except (OSError, ValueError) as e:
