@@ -12,6 +12,11 @@ PY := $(VENV)/bin/python
 JOBS ?= auto
 EXECUTOR ?= local
 SLURM_ARGS ?=
+# TORCH_INDEX: where torch and torchvision come from. Empty: PyPI, today a CUDA 13.0 build (NVIDIA
+# driver >= 580, GPUs sm_75 and up). A driver older than 580, or a V100 (sm_70):
+# TORCH_INDEX=https://download.pytorch.org/whl/cu126 (driver >= 525.60.13). The training commands
+# name the one that fits when the installed torch cannot use the GPUs (replicate/gpus.py).
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
@@ -20,16 +25,21 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 help:
 	@grep -E '^## ' $(MAKEFILE_LIST) | sed 's/^## /  make /'
 
-$(STAMP): pyproject.toml
+# Reinstalls when TORCH_INDEX differs from the last install's ($(VENV)/.torch-index; none: PyPI).
+TORCH_CHANGED := $(filter-out x$(shell cat $(VENV)/.torch-index 2>/dev/null),x$(TORCH_INDEX))
+$(STAMP): pyproject.toml $(if $(TORCH_CHANGED),FORCE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# torch and torchvision come together from the registry: the machine's local CPU torch wheel
 	@# cannot import the registry's torchvision, which is a CUDA build. The pair works on CPU too.
-	$(PY) -m pip install torch torchvision
+	@# Another build of the same version counts as installed for pip: uninstalled first.
+	$(if $(TORCH_CHANGED),$(PY) -m pip uninstall -y torch torchvision)
+	$(PY) -m pip install torch torchvision $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	echo '$(TORCH_INDEX)' > $(VENV)/.torch-index
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
-## install: create .venv and install the project with its test dependencies
-.PHONY: install
+## install: create .venv and install the project with its test dependencies (TORCH_INDEX: another CUDA build of torch)
+.PHONY: install FORCE
 install: $(STAMP)
 
 ## test: run the whole suite (pytest and nbval), slow end-to-end tests included; not the Slurm tests
@@ -71,7 +81,8 @@ lab: $(STAMP)
 ## gpu-check: on a GPU machine, every open GPU question in one command, ~5.5 min (reports/gpu-check/; GPU_CHECK_ARGS="--sample X.npz")
 .PHONY: gpu-check
 gpu-check:
-	@# No $(STAMP): it runs on a bare GPU image with torch and numpy alone (docs/speed.md).
+	@# No $(STAMP): it runs on the GPU image's own Python (torch, numpy, pandas, tqdm, pyyaml, psutil,
+	@# Pillow, pytest; no DVC, papermill, jupyter, submitit or torchvision: docs/speed.md).
 	PYTHONPATH=. python3 scripts/gpu_check.py --out reports/gpu-check $(GPU_CHECK_ARGS)
 
 ## bench: engine vs a reference-style trainer, ResNet-20 and -56 side by side (reports/bench.json; BENCH_ARGS="--concurrent 4")

@@ -53,10 +53,13 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def precision(device: torch.device, bf16: bool, tf32: bool) -> str:
-    """What the convolutions compute in: 'bf16' (autocast on), 'tf32' (CUDA with tf32 allowed) or 'fp32'."""
+    """What the convolutions compute in: 'bf16' (autocast on), 'tf32' (CUDA with tf32 allowed, on a
+    GPU that has TF32: compute capability 8.0 and up; a V100 or T4 computes fp32 whatever the flag
+    says) or 'fp32'."""
     if bf16:
         return "bf16"
-    return "tf32" if device.type == "cuda" and tf32 else "fp32"
+    has_tf32 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    return "tf32" if has_tf32 and tf32 else "fp32"
 
 
 def set_backends(device: torch.device, *, tf32: bool, deterministic: bool) -> None:

@@ -6,8 +6,10 @@ PyTorch port's `.th`. The net comes from the tensors (depth, shortcut) and the m
 residual: run.json beside the weights, the checkpoint's config, the export's own); the input
 normalisation is the run's (the per-pixel mean of its training images) unless `--normalize
 imagenet`. Our runs are evaluated as train.py evaluated them (train.evaluate, eval mode, batches of
-1000, channels_last, bf16 autocast where the run used it and the device has it), so on the same
-machine the error is metrics.json's test_error exactly.
+1000, channels_last, bf16 autocast where the run used it and the device has it). The error is
+metrics.json's test_error exactly on the CPU that trained the run, at the same thread count, and on
+CUDA with `deterministic: true`; on CUDA without it cuDNN's benchmark picks its algorithms anew in
+each process, so a few images may flip.
 """
 
 from __future__ import annotations

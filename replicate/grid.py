@@ -16,6 +16,7 @@ The order is: the upstream stages (`prepare`, `check`), the runs that are not up
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from . import local, pipeline, slurm
+from . import gpus, local, pipeline, slurm
+from .pipeline import Run
 from .tasks import Task, View, outcome, pins_text, rel
 
 
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         names = [r.name for r in pipeline.runs(params, args.profile)]
         local.parse_jobs(args.jobs)  # before any DVC command runs
         options = slurm_options(params, args.slurm) if args.executor == "slurm" else {}
+        if args.executor == "local":  # a Slurm task checks on its own node (pipeline.train_stage)
+            gpus.check_gpus_usable(str(pipeline.train_params(params, args.profile).get("device", "auto")))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     pins = local.slots(args.jobs, len(todo)) if args.executor == "local" and todo else []
     tasks = [Task(s.split("@", 1)[1], s, root / profile.results / s.split("@", 1)[1] / "train.log") for s in todo]
     view = View(tasks, already_done=len(stages) - len(todo), every=args.every)
+    if pins and "CUDA_VISIBLE_DEVICES" in pins[0]:
+        preflight(params, args.profile, [Run.parse(t.run) for t in tasks], pins[0])
     where = ("as one Slurm job array" if args.executor == "slurm" else
              f"{len(pins)} at a time: " + "; ".join(pins_text(env) for env in pins))
     view.say(f"{len(stages)} runs of profile {args.profile}: {len(stages) - len(todo)} up to date, "
@@ -94,6 +100,21 @@ def main(argv: list[str] | None = None) -> None:
     if dvc("repro", profile.report_stage, root=root).returncode != 0:
         sys.exit(f"error: the report stage {profile.report_stage} failed (above)")
     print(f"grid: report in {profile.reports}/ (table6.md, fig1.png, fig6.png, fig7.png, verdicts.md)")
+
+
+def preflight(params: dict, profile: str, runs: list, pin: dict[str, str]) -> None:
+    """Before GPU workers start: CUDA and one eager step of the deepest net to train, on the first
+    slot (gpus.preflight), in seconds, rather than the same failure in every worker an hour later."""
+    deepest = pipeline.config(params, max(runs, key=lambda r: r.depth), profile)
+    if deepest.device not in ("auto", "cuda"):  # device: cpu with GPUs present: they stay idle
+        return
+    try:
+        found = gpus.preflight(dataclasses.asdict(deepest), pin)
+    except gpus.GpusUnusable as e:
+        sys.exit(f"error: {e}")
+    print(f"grid: preflight on {found['where']} ({found['device_name']}): CUDA started and one eager step of "
+          f"{found['net']} ({found['precision']}) took {found['seconds']:.1f} s, peak {found['peak_of']} "
+          f"{found['peak_gib']:.2f} GiB", flush=True)
 
 
 def slurm_options(params: dict, overrides: list[str]) -> dict:

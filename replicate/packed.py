@@ -63,8 +63,15 @@ class PackedResNet(nn.Module):
                 in_planes = planes
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
+        # Initialised as each net's nn.Linear(64, num_classes) is (scripts/gpu_check.py trains a
+        # packed net built here, not by from_nets; torch.empty there was NaN under deterministic mode).
         self.fc_weight = nn.Parameter(torch.empty(k, num_classes, 64))
-        self.fc_bias = nn.Parameter(torch.zeros(k, num_classes))
+        self.fc_bias = nn.Parameter(torch.empty(k, num_classes))
+        for j in range(k):
+            fc = nn.Linear(64, num_classes)
+            with torch.no_grad():
+                self.fc_weight[j].copy_(fc.weight)
+                self.fc_bias[j].copy_(fc.bias)
 
     @classmethod
     def from_nets(cls, nets: list[CifarResNet]) -> "PackedResNet":

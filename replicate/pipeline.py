@@ -291,8 +291,10 @@ def train_stage(run: Run, out: str | Path, params_path: str | Path = PARAMS, not
     notebook can be opened and rerun in JupyterLab where it lies. A checkpoint left in `out` by an
     interrupted run is resumed (DVC keeps it: `persist: true`).
     """
+    from .gpus import check_gpus_usable  # here: it cannot change results, so no dep of the stages (dvc.yaml)
+
     params = load_params(params_path)
-    config(params, run, profile)  # a clear error now, not from inside the kernel
+    check_gpus_usable(config(params, run, profile).device)  # a clear error now, not from inside the kernel
     out = Path(out)
     parameters = notebook_parameters(params, run, os.path.relpath(data_root, out), ".", profile)
     return execute_notebook(notebook, out / "train.ipynb", parameters, cwd=out, stream=True)

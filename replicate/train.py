@@ -210,6 +210,8 @@ class Engine:
     # channels_last: 1.33x NCHW per ResNet-20 and -56 step on our CPU (docs/speed.md), and cuDNN's
     # fast NHWC path (GPU: unmeasured).
     memory_format: torch.memory_format = torch.channels_last
+    compile_error: str | None = None  # why the compiled step failed to build, and the run went on eagerly
+    compile_tried: bool = False       # whether this process's first compiled step has been taken
 
     def autocast(self):
         """bf16 autocast where the device has it natively (`native_bf16`: 2x fp32 on our CPU, and
@@ -276,7 +278,7 @@ def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path 
     while it < cfg.iterations and state["diverged_at"] is None:
         x, y = engine.loader.batch(it)
         k = it % cfg.log_every
-        interval[0, k], interval[1, k] = train_step(engine.step_model, engine.optimizer, x, y, engine.autocast)
+        interval[0, k], interval[1, k] = step(engine, x, y)
         lr = engine.optimizer.param_groups[0]["lr"]
         it += 1
         bar.update(1)
@@ -296,6 +298,31 @@ def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path 
     if out is not None:
         write_outputs(out, result)
     return result
+
+
+def step(engine: Engine, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step. A compiled step builds at its first call, and a missing C compiler or
+    Python.h, or any backend error, would otherwise end the run there: the step is then taken
+    again eagerly on the same batch (not fetched twice) from the same weights, BN statistics and
+    RNG states (restored: a lazily compiled backward fails after the forward updated BN), so the
+    run is an eager run bit for bit and its resume stays exact. Said once, and kept in run.json."""
+    if engine.compile_tried or engine.step_model is engine.model:
+        return train_step(engine.step_model, engine.optimizer, x, y, engine.autocast)
+    engine.compile_tried = True
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    rng = checkpoint.rng_states()
+    try:
+        return train_step(engine.step_model, engine.optimizer, x, y, engine.autocast)
+    except Exception as e:  # noqa: BLE001 - any compile failure; an eager failure raises from the retry
+        cause = getattr(e, "inner_exception", None) or e  # BackendCompilerFailed, InductorError: the backend's
+        first = (str(cause).strip().splitlines() or [""])[0]
+        engine.compile_error = (f"{type(e).__name__}: " if cause is not e else "") + f"{type(cause).__name__}: {first}"[:500]
+        print(f"torch.compile failed ({engine.compile_error}): training in eager mode", flush=True)
+        engine.model.load_state_dict(before)
+        engine.optimizer.zero_grad(set_to_none=True)
+        checkpoint.set_rng_states(rng)
+        engine.step_model = engine.model
+        return train_step(engine.model, engine.optimizer, x, y, engine.autocast)
 
 
 def new_state(cfg: Config) -> dict:
@@ -397,6 +424,8 @@ def final_result(engine: Engine, cfg: Config, state: dict, made: dict) -> Result
         # where it ran: the grid gives each worker its GPU or its share of the cores
         "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": torch.get_num_threads(),
         "precision": engine.precision,
+        # whether the last process trained compiled; why not, where its compile failed (train.step)
+        "compiled": engine.step_model is not engine.model, "compile_error": engine.compile_error,
         "train_images": len(ds.train_y), "test_images": len(ds.test_y),
         "torch": torch.__version__, "commit": code_commit(), "config": dataclasses.asdict(cfg),
         "made_by": made,
@@ -442,7 +471,11 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"{params} has no train section (see params.yaml)")
             values.update(section)
         values.update({k: v for k, v in args.items() if v is not None})
-        result = train(Config.from_dict(values), data_root, out)
+        cfg = Config.from_dict(values)
+        from .gpus import check_gpus_usable  # here: it cannot change results, so no dep of the stages (dvc.yaml)
+
+        check_gpus_usable(cfg.device)
+        result = train(cfg, data_root, out)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps({k: v for k, v in result.metrics.items() if k not in ("config", "made_by")}, indent=2))

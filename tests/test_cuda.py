@@ -42,12 +42,17 @@ def test_a_few_hundred_steps_learn_on_the_gpu(dataset):
     assert m["test_error"] < 50  # chance is 90%
 
 
-def test_deterministic_resume_ends_with_identical_weights(dataset, tmp_path, steps):
+@pytest.mark.parametrize("compile", [False, True])
+def test_deterministic_resume_ends_with_identical_weights(dataset, tmp_path, steps, compile):
     """200 iterations in one go, against a run stopped at its checkpoint at 100, a new process's
     worth of state from it (loaded onto the CPU first), and the 100 steps left (counted: a
-    restart from 0 would end with the same weights)."""
-    cfg = Config(**dict(RUN, iterations=200, milestones=[150], checkpoint_every=100, deterministic=True))
-    whole = train(cfg, dataset=dataset, progress=False).model.state_dict()
+    restart from 0 would end with the same weights). Compiled too: a paper run compiles (64k
+    iterations), and deterministic Inductor kernels must resume as exactly as cuDNN's."""
+    cfg = Config(**dict(RUN, iterations=200, milestones=[150], checkpoint_every=100, deterministic=True,
+                        compile=compile))
+    whole = train(cfg, dataset=dataset, progress=False)
+    assert whole.metrics["compiled"] is compile, whole.metrics["compile_error"]  # not a silent eager fallback
+    whole = whole.model.state_dict()
     train_until_first_checkpoint(cfg, tmp_path, dataset)
     steps.clear()
     resumed = train(cfg, dataset=dataset, out_dir=tmp_path, progress=False).model.state_dict()

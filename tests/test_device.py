@@ -50,13 +50,21 @@ def test_cpu_bf16_only_where_it_is_native(monkeypatch, flags, native):
     assert dev.native_bf16(torch.device("meta")) is False
 
 
-def test_precision_says_what_the_convolutions_compute_in():
+def test_precision_says_what_the_convolutions_compute_in(monkeypatch):
     """With bf16 off, cuDNN would use TF32 by default while metrics.json said fp32: now the run
     sets TF32 itself, and records it."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert dev.precision(CUDA, bf16=True, tf32=True) == "bf16"
     assert dev.precision(CUDA, bf16=False, tf32=True) == "tf32"
     assert dev.precision(CUDA, bf16=False, tf32=False) == "fp32"
     assert dev.precision(torch.device("cpu"), bf16=False, tf32=True) == "fp32"  # no TF32 on a CPU
+
+
+@pytest.mark.parametrize("capability, want", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "tf32"), ((8, 6), "tf32")])
+def test_tf32_only_on_gpus_that_have_it(monkeypatch, capability, want):
+    """A V100 (7.0) or T4 (7.5) has no TF32: run.json said tf32 there while it computed fp32."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert dev.precision(CUDA, bf16=False, tf32=True) == want
 
 
 def test_cuda_switches_follow_the_config(restore_backends):

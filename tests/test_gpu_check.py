@@ -1,9 +1,11 @@
 """scripts/gpu_check.py's CPU dry run, as `make test` runs it: every part of the GPU check runs on
-small nets, without DVC, papermill, jupyter, submitit or torchvision importable (the GPU machine's
-image has none of them), and writes both files."""
+small nets with only what the GPU machine's image has importable (no DVC, papermill, jupyter,
+submitit or torchvision there), and writes both files."""
 
+import importlib.metadata as md
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,27 +14,67 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ABSENT_ON_THE_GPU_IMAGE = ("dvc", "papermill", "jupyter", "jupyterlab", "jupyter_client", "jupyter_core", "nbformat",
-                           "nbclient", "nbval", "ipykernel", "submitit", "torchvision")
-BLOCKER = f"""import sys
+# What the GPU image has (Python 3.12): these and what they require, nothing else.
+ON_THE_GPU_IMAGE = ("torch", "numpy", "pandas", "matplotlib", "seaborn", "pyyaml", "tqdm", "psutil", "pytest")
+ABSENT_ON_THE_GPU_IMAGE = ("dvc", "papermill", "jupyter", "nbformat", "nbclient", "ipykernel", "submitit", "torchvision")
+
+
+def _name(dist: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
+def absent_modules() -> list[str]:
+    """Every top-level module installed here whose distribution the GPU image lacks: the ones not
+    required, directly or not, by ON_THE_GPU_IMAGE (this project itself aside)."""
+    dists = {_name(d.metadata["Name"]): d for d in md.distributions()}
+    keep, todo = {"replicate"}, [_name(n) for n in ON_THE_GPU_IMAGE]
+    while todo:
+        name = todo.pop()
+        if name in keep or name not in dists:
+            continue
+        keep.add(name)
+        todo += [_name(re.match(r"[A-Za-z0-9_.-]+", r)[0]) for r in dists[name].requires or [] if "extra ==" not in r]
+    return sorted(m for m, ds in md.packages_distributions().items()
+                  if m.isidentifier() and not any(_name(d) in keep for d in ds))
+
+
+BLOCKER = """import importlib.machinery
+import sys
+
+ABSENT = frozenset({absent!r})
+
 
 class Absent:
+    \"\"\"A module of ABSENT has a spec without origin (importlib.util.find_spec, which torch._dynamo
+    asks of optional modules, then skips it), and importing it fails as a missing module does.\"\"\"
+
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {ABSENT_ON_THE_GPU_IMAGE!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (not on the GPU image)", name=name)
+        if name.split(".")[0] in ABSENT:
+            return importlib.machinery.ModuleSpec(name, self)
+
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {{spec.name!r}} (not on the GPU image)", name=spec.name)
+
+    def exec_module(self, module):
+        pass
+
 
 sys.meta_path.insert(0, Absent())
 """
+
 
 pytestmark = pytest.mark.slow
 
 
 def test_the_cpu_dry_run_reaches_every_part_without_the_pipelines_packages(tmp_path):
     (tmp_path / "block").mkdir()
-    (tmp_path / "block" / "sitecustomize.py").write_text(BLOCKER)
+    absent = absent_modules()
+    assert set(ABSENT_ON_THE_GPU_IMAGE) <= set(absent), set(ABSENT_ON_THE_GPU_IMAGE) - set(absent)
+    (tmp_path / "block" / "sitecustomize.py").write_text(BLOCKER.format(absent=absent))
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'block'}{os.pathsep}{ROOT}"}
-    probe = subprocess.run([sys.executable, "-c", "import papermill"], env=env, capture_output=True, text=True)
-    assert "not on the GPU image" in probe.stderr  # the block works, in this process and its children
+    for name in ("papermill", "dvc", "torchvision", "IPython"):
+        probe = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True, text=True)
+        assert "not on the GPU image" in probe.stderr, name  # the block works, in this process and its children
     start = time.monotonic()
     done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--budget-s", "60",
                            "--out", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -42,7 +84,7 @@ def test_the_cpu_dry_run_reaches_every_part_without_the_pipelines_packages(tmp_p
     results = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     parts = results["parts"]
     assert list(parts) == ["environment", "cuda tests", "step times", "resume", "processes", "packed", "prediction"]
-    assert all(p["status"] == "ok" for p in parts.values()), {n: p["status"] for n, p in parts.items()}
+    assert all(p["status"] == "ok" for p in parts.values()), "; ".join(f"{n}: {p['status']}" for n, p in parts.items())
     assert "skipped" in parts["cuda tests"]["summary"] and parts["cuda tests"]["exit_code"] == 0
     rows = parts["step times"]["rows"]
     assert rows[0]["variant"] == "eager bf16" and rows[0]["ms_per_iteration"] > 0

@@ -37,3 +37,16 @@ def test_negative_control_one_net_with_anothers_images_differs():
     packed = PackedResNet.from_nets(nets).double()
     x = torch.randn(4, 2, 3, 32, 32, dtype=torch.float64)
     assert not torch.allclose(packed(x.flatten(1, 2))[:, 0], nets[0](x[:, 1]))
+
+
+def test_a_packed_net_built_alone_has_a_linear_layers_init():
+    """gpu_check's packed timing builds PackedResNet directly: its fc was torch.empty, garbage
+    (NaN under deterministic mode), not nn.Linear's uniform(+-1/sqrt(64)) and zero-mean bias."""
+    torch.manual_seed(0)
+    packed = PackedResNet("resnet", 8, 3)
+    bound = 1 / 64 ** 0.5
+    for t in (packed.fc_weight, packed.fc_bias):
+        assert torch.isfinite(t).all() and t.abs().max() <= bound and t.std() > bound / 4
+    assert not torch.equal(packed.fc_weight[0], packed.fc_weight[1])  # each net its own draw
+    logits = packed(torch.randn(4, 9, 32, 32))
+    assert torch.isfinite(packed_loss(logits, torch.zeros(4, 3, dtype=torch.long)))
