@@ -180,12 +180,14 @@ def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor, autocast) -> 
 
 
 @torch.no_grad()
-def evaluate(model, images: torch.Tensor, labels: torch.Tensor, autocast, memory_format) -> float:
-    """Top-1 error (%) in eval mode (BN running statistics), in large batches, one sync at the end."""
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor, autocast, memory_format,
+             mean: torch.Tensor | None = None) -> float:
+    """Top-1 error (%) in eval mode (BN running statistics), in large batches, one sync at the end.
+    With `mean`, `images` are uint8 and normalised batch by batch (cifar.eval_batches)."""
     was_training = model.training
     model.eval()
     wrong = torch.zeros((), dtype=torch.int64, device=images.device)
-    for x, y in cifar.eval_batches(images, labels, 1000, memory_format):
+    for x, y in cifar.eval_batches(images, labels, 1000, memory_format, mean):
         with autocast():
             wrong += (model(x).argmax(1) != y).sum()
     model.train(was_training)
@@ -333,20 +335,22 @@ def save(engine: Engine, cfg: Config, state: dict, made: dict, path: Path) -> No
 
 
 class EvalSets:
-    """The normalised test set (and validation split) on the device. Intermediate points may use
-    the first `eval_subset` test images (the quick look: evaluation must not dominate); the final
-    point always uses the whole test set, with Fig. 7's responses recorded in the same pass."""
+    """The test set (and validation split) on the device as uint8, normalised batch by batch (a
+    quarter of float32's memory). Intermediate points may use the first `eval_subset` test images
+    (the quick look: evaluation must not dominate); the final point always uses the whole test set,
+    with Fig. 7's responses recorded in the same pass."""
 
     def __init__(self, engine: Engine, cfg: Config):
         ds, device = engine.split, engine.device
         self.engine, self.subset = engine, slice(0, cfg.eval_subset or None)
-        self.test = cifar.normalize(ds.test_x, ds.mean, device), torch.as_tensor(ds.test_y, device=device)
-        self.val = ((cifar.normalize(ds.val_x, ds.mean, device), torch.as_tensor(ds.val_y, device=device))
+        self.mean = torch.as_tensor(ds.mean, device=device)
+        self.test = torch.as_tensor(ds.test_x, device=device), torch.as_tensor(ds.test_y, device=device)
+        self.val = ((torch.as_tensor(ds.val_x, device=device), torch.as_tensor(ds.val_y, device=device))
                     if cfg.val_size else None)
 
     def errors(self, final: bool, state: dict) -> dict:
         e, (x, y) = self.engine, self.test
-        args = (e.autocast, e.memory_format)
+        args = (e.autocast, e.memory_format, self.mean)
         if final:
             with record_responses(e.model) as state["responses"]:
                 row = {"test_error": evaluate(e.model, x, y, *args)}
