@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from .device import generator_device
+
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TARBALL = "cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -320,18 +322,19 @@ class CifarLoader:
         self.labels = torch.as_tensor(labels, device=self.device)
         self.batch_size, self.seed, self.memory_format = batch_size, seed, memory_format
         self.per_epoch = len(images) // batch_size
-        self.generator = torch.Generator(device=self.device)
+        self.draws_on = generator_device(self.device)
+        self.generator = torch.Generator(device=self.draws_on)
         self._epoch = None
 
     def __len__(self) -> int:
         return self.per_epoch
 
     def _draw(self, epoch: int) -> None:
-        n, g = len(self.labels), self.generator
+        n, g, on = len(self.labels), self.generator, self.draws_on
         g.manual_seed(epoch_seed(self.seed, epoch))
-        self.order = torch.randperm(n, generator=g, device=self.device)
-        self.offsets = torch.randint(0, 2 * PAD + 1, (2, n), generator=g, device=self.device)
-        self.flips = torch.rand(n, generator=g, device=self.device) < 0.5
+        self.order = torch.randperm(n, generator=g, device=on).to(self.device)
+        self.offsets = torch.randint(0, 2 * PAD + 1, (2, n), generator=g, device=on).to(self.device)
+        self.flips = (torch.rand(n, generator=g, device=on) < 0.5).to(self.device)
         self._epoch = epoch
 
     def batch(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:

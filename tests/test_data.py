@@ -293,7 +293,7 @@ def test_uint8_loader_gives_the_float32_loaders_batches_bitwise(small_dataset):
 # round otherwise: there the test compares against the float32 loader run in the same process.
 WEIGHTS_BEFORE_UINT8 = "85701b12c3aec6ec"
 WEIGHTS_RUN = dict(depth=8, iterations=300, milestones=[200], batch_size=32, log_every=50, eval_every=100,
-                   checkpoint_every=1000, device="cpu", bf16=False, compile=False, val_size=100)
+                   checkpoint_every=1000, device="cpu", precision="fp32", compile=False, val_size=100)
 
 
 def weights_digest(model) -> str:
