@@ -3,6 +3,10 @@ fp16, TF32 or strict fp32), cuDNN's algorithm choice and determinism, and whethe
 
 Every branch on `device.type == "cuda"` lives here or says why it does not, and each has a CPU
 test that fakes what CUDA would report (tests/test_device.py).
+
+MPS (a Mac's `device: auto`): autocast has fp16 and bf16 there and GradScaler("mps") exists in this
+torch, but no Mac has run this project, so where torch has had silent MPS bugs the CPU's way is
+used: batches drawn by a CPU generator, nets in NCHW (`generator_device`, `channels_last`).
 """
 
 from __future__ import annotations
