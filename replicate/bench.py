@@ -109,7 +109,7 @@ class Engine:
         for it in range(first, last):
             x, y = e.loader.batch(it)
             k = it % log_every
-            self.interval[0, k], self.interval[1, k] = train.train_step(e.step_model, e.optimizer, x, y, e.autocast)
+            self.interval[0, k], self.interval[1, k] = train.train_step(e.step_model, e.optimizer, x, y, e.autocast, e.scaler)
             if k == log_every - 1:
                 self.interval.cpu()  # the engine's only sync: one per log interval
             e.scheduler.step()

@@ -1,8 +1,12 @@
-"""Where a run trains, and the process-wide switches it sets there: the device, bf16 or TF32 or
-strict fp32, cuDNN's algorithm choice and determinism, and whether torch.compile pays.
+"""Where a run trains, and the process-wide switches it sets there: the device, its precision (bf16,
+fp16, TF32 or strict fp32), cuDNN's algorithm choice and determinism, and whether torch.compile pays.
 
 Every branch on `device.type == "cuda"` lives here or says why it does not, and each has a CPU
 test that fakes what CUDA would report (tests/test_device.py).
+
+MPS (a Mac's `device: auto`): autocast has fp16 and bf16 there and GradScaler("mps") exists in this
+torch, but no Mac has run this project, so where torch has had silent MPS bugs the CPU's way is
+used: batches drawn by a CPU generator, nets in NCHW (`generator_device`, `channels_last`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,20 @@ def pick_device(name: str = "auto") -> torch.device:
         else:
             name = "cpu"
     return torch.device(name)
+
+
+def channels_last(device: torch.device) -> torch.memory_format:
+    """channels_last (1.33x NCHW per step on our CPU, docs/speed.md; cuDNN's NHWC kernels), except on
+    MPS: its convolutions have given silently wrong results on channels_last views (pytorch#180984,
+    2026), and no Mac has checked ours, so MPS trains in NCHW."""
+    return torch.contiguous_format if device.type == "mps" else torch.channels_last
+
+
+def generator_device(device: torch.device) -> torch.device:
+    """Where the loader draws its permutations, crops and flips: on the device, except on MPS, whose
+    randperm has been silently non-uniform (pytorch#104170, 2023) and is unchecked here; there
+    the CPU draws them (50k numbers an epoch) and they are copied over."""
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def device_name(device: torch.device) -> str:
@@ -52,14 +70,35 @@ def native_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def precision(device: torch.device, bf16: bool, tf32: bool) -> str:
-    """What the convolutions compute in: 'bf16' (autocast on), 'tf32' (CUDA with tf32 allowed, on a
-    GPU that has TF32: compute capability 8.0 and up; a V100 or T4 computes fp32 whatever the flag
-    says) or 'fp32'."""
-    if bf16:
-        return "bf16"
-    has_tf32 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    return "tf32" if has_tf32 and tf32 else "fp32"
+PRECISIONS = ("auto", "bf16", "fp16", "tf32", "fp32")  # train.Config.precision
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the precisions that run under autocast
+
+
+def fp16_tensor_cores(device: torch.device) -> bool:
+    """CUDA from compute capability 7.0 (V100, T4, RTX 20xx): fp16 tensor cores, bf16 emulated."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)
+
+
+def resolve_precision(device: torch.device, setting: str) -> tuple[str, str]:
+    """What a run set to `setting` computes in on `device`, and a note where that is not what was asked.
+
+    auto: bf16 where it is native, fp16 (with a gradient scaler) on GPUs with fp16 tensor cores but
+    no native bf16, fp32 elsewhere. An explicit bf16 where bf16 is not native falls back to fp32
+    with a note, not an error: emulated bf16 is slower than fp32 (docs/speed.md), and one
+    params.yaml must run on every machine of a grid (a Slurm array may land on a V100 and an A100);
+    run.json records what ran. tf32 exists on CUDA from Ampere (8.0) only; elsewhere it is fp32.
+    fp16 runs as asked everywhere (CPU autocast has it; slow on most CPUs).
+    """
+    if setting not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {setting!r}")
+    if setting == "auto":
+        return ("bf16" if native_bf16(device) else "fp16" if fp16_tensor_cores(device) else "fp32"), ""
+    if setting == "bf16" and not native_bf16(device):
+        return "fp32", f"{device.type} has no native bf16 (emulated bf16 is slower than fp32): ran in fp32"
+    ampere = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    if setting == "tf32" and not ampere:
+        return "fp32", f"{device.type} has no TF32 (CUDA from compute capability 8.0): ran in fp32"
+    return setting, ""
 
 
 def set_backends(device: torch.device, *, tf32: bool, deterministic: bool) -> None:

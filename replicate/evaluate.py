@@ -6,7 +6,7 @@ PyTorch port's `.th`. The net comes from the tensors (depth, shortcut) and the m
 residual: run.json beside the weights, the checkpoint's config, the export's own); the input
 normalisation is the run's (the per-pixel mean of its training images) unless `--normalize
 imagenet`. Our runs are evaluated as train.py evaluated them (train.evaluate, eval mode, batches of
-1000, channels_last, bf16 autocast where the run used it and the device has it). The error is
+1000, channels_last, the run's bf16 or fp16 autocast or TF32 where this device has it). The error is
 metrics.json's test_error exactly on the CPU that trained the run, at the same thread count, and on
 CUDA with `deterministic: true`; on CUDA without it cuDNN's benchmark picks its algorithms anew in
 each process, so a few images may flip.
@@ -24,7 +24,7 @@ import torch
 
 from . import data as cifar
 from . import weights as W
-from .device import native_bf16, pick_device, set_backends
+from .device import AUTOCAST, PRECISIONS, channels_last, pick_device, resolve_precision, set_backends
 from .report import net_name
 from .train import evaluate as error_of
 from . import outputs
@@ -119,6 +119,19 @@ def training_mean(data: cifar.Cifar10, val_size: int | None, seed: int | None, c
     return cache[key]
 
 
+def run_precision(src: Source, device: torch.device) -> str:
+    """What the run computed in: run.json's and an export's `precision` say it; a checkpoint's config
+    holds only the setting (`precision`, or the bf16/tf32 switches of older runs), which train.py
+    resolves on its device, as here. Foreign weights: fp32."""
+    info = src.info
+    if src.weights.kind != "checkpoint":
+        return info.get("precision") if info.get("precision") in AUTOCAST or info.get("precision") == "tf32" else "fp32"
+    setting = info.get("precision")
+    if setting not in PRECISIONS:  # before `precision`: bf16 (where native), else TF32 if asked, else fp32
+        setting = "bf16" if info.get("bf16") else "tf32" if info.get("tf32") else "fp32"
+    return resolve_precision(device, setting)[0]
+
+
 def evaluate_source(src: Source, data: cifar.Cifar10, device: torch.device, *, arch: str | None = None,
                     depth: int | None = None, shortcut: str | None = None, normalize: str | None = None,
                     means: dict | None = None) -> dict:
@@ -126,20 +139,18 @@ def evaluate_source(src: Source, data: cifar.Cifar10, device: torch.device, *, a
     info, means = src.info, {} if means is None else means
     arch, depth, shortcut = architecture(src, arch, depth, shortcut)
     model = W.to_model(src.weights, arch, depth, shortcut, info.get("bn_batch_size"))
-    memory_format = torch.channels_last  # as train.py's nets: the same kernels, the same numbers
+    memory_format = channels_last(device)  # as train.py's nets: the same kernels, the same numbers
     model = model.to(device, memory_format=memory_format)
     normalize = normalize or "mean"
     x, y = inputs(src, normalize, data, means, device), torch.as_tensor(data.test_y, device=device)
-    # bf16 where the run computed in it (a checkpoint records only the request: train.py grants it
-    # where bf16 is native, as here) and this device has it natively
-    wanted = info.get("precision") == "bf16" or (src.weights.kind == "checkpoint" and bool(info.get("bf16")))
-    bf16 = wanted and native_bf16(device)
-    if info.get("precision") == "bf16" and not bf16:
-        src.notes.append(f"the run computed in bf16 but {device.type} has no native bf16: evaluated in fp32, "
-                         "so the error may differ slightly from the run's")
-    set_backends(device, tf32=bool(info.get("tf32")), deterministic=bool(info.get("deterministic")))
-    error = error_of(model, x, y, lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
-                     memory_format)
+    ran = run_precision(src, device)
+    here, note = resolve_precision(device, ran)
+    if note:
+        src.notes.append(f"the run computed in {ran} but {note}, so the error may differ slightly from the run's")
+    set_backends(device, tf32=here == "tf32", deterministic=bool(info.get("deterministic")))
+    dtype = AUTOCAST.get(here)
+    error = error_of(model, x, y, lambda: torch.autocast(device.type, dtype=dtype or torch.bfloat16,
+                                                         enabled=dtype is not None), memory_format)
     recorded = info.get("test_error")
     if recorded is not None and info.get("device") not in (None, device.type):
         src.notes.append(f"trained on {info['device']}, evaluated on {device.type}: the error may differ slightly "
@@ -153,7 +164,7 @@ def evaluate_source(src: Source, data: cifar.Cifar10, device: torch.device, *, a
     return {
         "path": src.path, "file": src.weights.path, "kind": src.weights.kind,
         "arch": arch, "depth": depth, "shortcut": shortcut, "normalize": normalize,
-        "precision": "bf16" if bf16 else "fp32", "device": device.type,
+        "precision": here, "device": device.type,
         "params": sum(p.numel() for p in model.parameters()),
         "test_error": error, "test_images": len(y), "recorded_test_error": recorded,
         "seed": info.get("seed"), "notes": src.notes,

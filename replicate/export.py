@@ -93,7 +93,7 @@ def export_run(folder: Path, run: str, m: dict, mean, data: dict, out: Path) -> 
         "arch": m["arch"], "depth": m["depth"], "shortcut": m.get("shortcut", "A"),
         "bn_batch_size": config.get("bn_batch_size"), "seed": m["seed"], "val_size": config.get("val_size", 0),
         "mean": torch.as_tensor(mean).clone(),  # (3, 32, 32), [0, 1] units: inputs are images / 255 minus it
-        "precision": m.get("precision"), "tf32": config.get("tf32"), "deterministic": config.get("deterministic"),
+        "precision": m.get("precision"), "deterministic": config.get("deterministic"),
         "device": m.get("device"), "params": m.get("params"), "iterations": m["iterations"],
         "test_error": m.get("test_error"), "train_error": m.get("train_error"),
         "train_images": m.get("train_images"), "test_images": m.get("test_images"),

@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = pipeline.load_params(args.params)
         pipeline.check(params, pipeline.NOTEBOOK, pipeline.DVC_YAML)
-        names = [r.name for r in pipeline.runs(params, args.profile)]
+        grid_runs = pipeline.runs(params, args.profile)
+        names = [r.name for r in grid_runs]
+        protocol = pipeline.train_params(params, args.profile)
+        deepest = local.Deepest(max(r.depth for r in grid_runs), protocol.get("precision", "auto"),
+                                protocol.get("batch_size", 128))
         local.parse_jobs(args.jobs)  # before any DVC command runs
         options = slurm_options(params, args.slurm) if args.executor == "slurm" else {}
         if args.executor == "local":  # a Slurm task checks on its own node (pipeline.train_stage)
@@ -72,13 +76,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: the upstream stages failed (above); no run was started")
     stages = [f"{profile.stage}@{n}" for n in names]
     todo = pending(stages, root)
-    pins = local.slots(args.jobs, len(todo)) if args.executor == "local" and todo else []
+    pins, why = local.plan(args.jobs, len(todo), deepest=deepest) if args.executor == "local" and todo else ([], "")
     tasks = [Task(s.split("@", 1)[1], s, root / profile.results / s.split("@", 1)[1] / "train.log") for s in todo]
     view = View(tasks, already_done=len(stages) - len(todo), every=args.every)
     if pins and "CUDA_VISIBLE_DEVICES" in pins[0]:
         preflight(params, args.profile, [Run.parse(t.run) for t in tasks], pins[0])
     where = ("as one Slurm job array" if args.executor == "slurm" else
-             f"{len(pins)} at a time: " + "; ".join(pins_text(env) for env in pins))
+             f"{len(pins)} at a time: " + "; ".join(pins_text(env) for env in pins) + f"; because {why}")
     view.say(f"{len(stages)} runs of profile {args.profile}: {len(stages) - len(todo)} up to date, "
              f"{len(todo)} to train" + (f" ({where})" if todo else ""))
     try:

@@ -8,15 +8,15 @@ import re
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from .tasks import Task, View, cost, outcome, start
 
-# Local slots per GPU for JOBS=auto: a guess, not a measurement (no GPU has been lent yet;
-# scripts/gpu_check.py measures k processes on one GPU). ResNet-20..110 at batch 128 leave most
-# of a large GPU idle.
+# Local slots per GPU for JOBS=auto where its memory is unknown (no nvidia-smi): a guess. Where it
+# is known, as many runs as its memory holds (memory.run_gb: measured activations, assumed context).
 SLOTS_PER_GPU = 4
 # CPU cores each CUDA worker needs: its Python thread launches the kernels of a small net, and a
 # launch-bound process that shares a core with another runs at half speed.
@@ -28,12 +28,39 @@ GB_PER_WORKER = 3  # a worker holds the padded training set (1 GB in float32), t
 
 
 def slots(jobs: str | int, n_runs: int, gpus: list[str] | None = None, cores: int | None = None,
-          memory_gb: float | None = None) -> list[dict[str, str]]:
-    """The environment of each worker slot; their number is how many runs train at once.
+          memory_gb: float | None = None, deepest: Deepest | None = None,
+          gpu_info: dict[str, GpuInfo] | None = None) -> list[dict[str, str]]:
+    """The environment of each worker slot; their number is how many runs train at once (plan)."""
+    return plan(jobs, n_runs, gpus, cores, memory_gb, deepest, gpu_info)[0]
+
+
+@dataclass
+class Deepest:
+    """The grid's deepest run, whose memory decides how many runs share a GPU."""
+
+    depth: int
+    precision: str = "auto"  # the setting; resolved per GPU as train.py would (device.resolve_precision)
+    batch: int = 128
+
+
+@dataclass
+class GpuInfo:
+    """A CUDA_VISIBLE_DEVICES entry's memory (GiB) and compute capability (None: unknown)."""
+
+    gib: float | None
+    capability: tuple[int, int] | None = None
+
+
+def plan(jobs: str | int, n_runs: int, gpus: list[str] | None = None, cores: int | None = None,
+         memory_gb: float | None = None, deepest: Deepest | None = None,
+         gpu_info: dict[str, GpuInfo] | None = None) -> tuple[list[dict[str, str]], str]:
+    """The environment of each worker slot, and why JOBS=auto chose their number.
 
     `gpus` are CUDA_VISIBLE_DEVICES entries (visible_gpus()): indices, GPU UUIDs or MIG instances.
-    CUDA: JOBS=auto is SLOTS_PER_GPU per GPU, fewer where the cores cannot feed them
-    (CORES_PER_CUDA_WORKER each), the same number on every GPU; slot i sees gpus[i mod GPUs] only.
+    CUDA: JOBS=auto gives each GPU or MIG instance as many slots as its memory holds runs like
+    `deepest` (memory.run_gb; SLOTS_PER_GPU where its memory is unknown), fewer where the cores
+    cannot feed them (CORES_PER_CUDA_WORKER each, at least one per GPU); slots go round-robin
+    over the GPUs, each seeing its GPU only.
     CPU: auto is one worker per THREADS_PER_CPU_WORKER cores, at most one per GB_PER_WORKER GB of
     memory. Every worker gets its share of the cores as torch threads (OMP_NUM_THREADS) and as
     Inductor's compile pool (up to 32 processes each otherwise), which also keeps OpenMP threads of
@@ -44,20 +71,85 @@ def slots(jobs: str | int, n_runs: int, gpus: list[str] | None = None, cores: in
     gpus = visible_gpus() if gpus is None else gpus
     cores = cpu_count() if cores is None else cores
     memory_gb = available_gb() if memory_gb is None else memory_gb
-    k = parse_jobs(jobs)
+    k, why = parse_jobs(jobs), f"JOBS={jobs}"
+    entries = list(gpus)
     if k is None and gpus:
-        k = len(gpus) * max(1, min(SLOTS_PER_GPU, cores // (len(gpus) * CORES_PER_CUDA_WORKER)))
+        info = gpu_memory(gpus) if gpu_info is None else gpu_info
+        fits, holds = gpu_fits(gpus, info, deepest or Deepest(110))
+        entries = [g for r in range(max(fits)) for g, n in zip(gpus, fits) if n > r]  # round-robin
+        feed = max(len(gpus), cores // CORES_PER_CUDA_WORKER)
+        entries = entries[:feed]
+        k = len(entries)
+        said: dict[str, list[int]] = {}
+        for g, text in zip(gpus, holds):
+            said.setdefault(text, []).append(entries.count(g))
+        why = "; ".join(f"{min(c)}{'' if min(c) == max(c) else f'-{max(c)}'} per GPU: {text}" for text, c in said.items())
+        if feed < sum(fits):
+            why += f", {cores} cores feed {feed}"
     elif k is None:
         k = min(cores // THREADS_PER_CPU_WORKER, int(memory_gb // GB_PER_WORKER))
+        why = f"{cores} cores, {memory_gb:.0f} GB free, {GB_PER_WORKER} GB a worker"
     k = max(1, k)
+    if gpus and len(entries) != k:
+        entries = [gpus[i % len(gpus)] for i in range(k)]
     threads = str(max(1, cores // k))
     pins = []
     for i in range(min(k, n_runs)):
         env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TORCHINDUCTOR_COMPILE_THREADS": threads}
         if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            env["CUDA_VISIBLE_DEVICES"] = entries[i]
         pins.append(env)
-    return pins
+    return pins, why
+
+
+def gpu_fits(gpus: list[str], info: dict[str, GpuInfo], deepest: Deepest) -> tuple[list[int], list[str]]:
+    """How many runs like `deepest` each GPU's memory holds, and why, in words."""
+    from . import memory
+
+    fits, holds = [], []
+    for g in gpus:
+        gi = info.get(g, GpuInfo(None))
+        precision = gpu_precision(deepest.precision, gi.capability)
+        each = memory.run_gb(deepest.depth, precision, deepest.batch)
+        n = SLOTS_PER_GPU if gi.gib is None else max(1, int(gi.gib // each))
+        net = f"ResNet-{deepest.depth} at batch {deepest.batch} in {precision} ({each:.1f} GB each)"
+        fits.append(n)
+        holds.append(f"memory unknown (no nvidia-smi), {n} assumed for {net}" if gi.gib is None else
+                     f"{gi.gib:.1f} GB holds {n} runs of {net}")
+    return fits, holds
+
+
+def gpu_precision(setting: str, capability: tuple[int, int] | None) -> str:
+    """What a run set to `setting` computes in on a GPU of `capability` (device.resolve_precision's
+    rule, without starting CUDA in this process); an unknown capability counts as fp32, the largest."""
+    if capability is None:
+        return "fp32"
+    if setting == "auto":
+        return "bf16" if capability >= (8, 0) else "fp16" if capability >= (7, 0) else "fp32"
+    if setting in ("bf16", "tf32") and capability < (8, 0):
+        return "fp32"
+    return setting
+
+
+def gpu_memory(gpus: list[str], listing: str | None = None, query: str | None = None) -> dict[str, GpuInfo]:
+    """Each entry's memory and capability from nvidia-smi, without starting CUDA here (a context
+    in this process would hold memory on a GPU for the whole grid). A MIG instance's memory comes
+    from its profile name in `nvidia-smi -L` (1g.5gb: 5 GB nominal, 4.75 GiB usable, so 0.95 GiB a
+    nominal GB; MIG exists from Ampere on), a GPU's from `--query-gpu=memory.total` (MiB)."""
+    listing = nvidia_smi() if listing is None else listing
+    if query is None:  # compute_cap needs a driver from 2021 on (510): without it, the memory alone
+        query = (nvidia_smi("--query-gpu=index,uuid,memory.total,compute_cap", "--format=csv,noheader,nounits")
+                 or nvidia_smi("--query-gpu=index,uuid,memory.total", "--format=csv,noheader,nounits"))
+    found: dict[str, GpuInfo] = {}
+    for line in listing.splitlines():
+        if m := re.search(r"MIG (\d+)g\.(\d+)gb.*\(UUID: (MIG-[^)\s]+)\)", line):
+            found[m[3]] = GpuInfo(0.95 * int(m[2]), (8, 0))
+    for line in query.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 3 and parts[2].isdigit():
+            cap = tuple(int(v) for v in parts[3].split(".")) if len(parts) > 3 and re.fullmatch(r"\d+\.\d+", parts[3]) else None
+            found[parts[0]] = found[parts[1]] = GpuInfo(int(parts[2]) / 1024, cap)
+    return {g: found.get(g, GpuInfo(None)) for g in gpus}
 
 
 def parse_jobs(jobs: str | int) -> int | None:
@@ -111,9 +203,10 @@ def _smi_gpus(text: str) -> list[str]:
     return [entry for index, migs in gpus for entry in (migs or [index])]
 
 
-def nvidia_smi() -> str:
+def nvidia_smi(*args: str) -> str:
+    """nvidia-smi's output (`-L` by default); "" where it is missing or fails."""
     try:
-        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        done = subprocess.run(["nvidia-smi", *(args or ["-L"])], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return ""
     return done.stdout if done.returncode == 0 else ""

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, code_commit, code_fingerprint, outputs
 from . import data as cifar
-from .device import compile_pays, device_name, native_bf16, pick_device, precision, set_backends
+from .device import AUTOCAST, PRECISIONS, channels_last, compile_pays, device_name, pick_device, resolve_precision, set_backends
 from .models import build, check_depth, record_responses
 
 CHECKPOINT = "checkpoint.pt"
@@ -62,8 +62,7 @@ class Config:
     eval_subset: int = 0           # >0: intermediate test errors on the first N test images only
     checkpoint_every: int = 4_000
     device: str = "auto"           # cuda, then mps, then cpu
-    bf16: bool = True              # autocast where bf16 is native (device.native_bf16); BN statistics stay fp32
-    tf32: bool = False             # CUDA, outside bf16: TF32 convolutions and matmuls (False: strict fp32)
+    precision: str = "auto"        # auto, bf16, fp16, tf32, fp32 (device.resolve_precision); BN statistics stay fp32
     deterministic: bool = False    # CUDA: deterministic kernels, so resume is bitwise exact there too
     compile: bool | str = "auto"   # torch.compile: True, False, or "auto" (where it pays: device.compile_pays)
     cuda_graphs: bool = False      # CUDA only: compile with CUDA graphs (mode="reduce-overhead")
@@ -92,12 +91,17 @@ class Config:
                 1 < self.bn_batch_size <= self.batch_size and self.batch_size % self.bn_batch_size == 0):
             raise ValueError(f"bn_batch_size must be null (the whole batch) or a divisor of batch_size "
                              f"{self.batch_size} of at least 2 (the paper's: 64), got {self.bn_batch_size!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"compile must be true, false or 'auto', got {self.compile!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
         known = [f.name for f in dataclasses.fields(cls)]
+        if {"bf16", "tf32"} & set(values):
+            raise ValueError("bf16 and tf32 are now one setting, precision (auto, bf16, fp16, tf32 or fp32): replace "
+                             "them with `precision: auto` (bf16 where native, fp16 on V100/T4, fp32 elsewhere)")
         for key in values:
             if key not in known:
                 raise ValueError(f"unknown training parameter {key!r}{did_you_mean(key, known)}")
@@ -167,25 +171,34 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) ->
                            weight_decay=cfg.weight_decay, fused=True if device.type == "cuda" else None)
 
 
-def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor, autocast,
+               scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on a batch. Returns the loss and the number of wrong predictions as device
-    tensors: no host-device sync here (the caller reads them once per log interval)."""
+    tensors: no host-device sync here (the caller reads them once per log interval). `scaler`: fp16's
+    gradient scaler (a disabled one is a plain step, bit for bit)."""
     with autocast():
         logits = model(x)
         loss = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skipped where fp16 gradients overflowed; the scale then halves
+        scaler.update()
     return loss.detach(), (logits.argmax(1) != y).sum()
 
 
 @torch.no_grad()
-def evaluate(model, images: torch.Tensor, labels: torch.Tensor, autocast, memory_format) -> float:
-    """Top-1 error (%) in eval mode (BN running statistics), in large batches, one sync at the end."""
+def evaluate(model, images: torch.Tensor, labels: torch.Tensor, autocast, memory_format,
+             mean: torch.Tensor | None = None) -> float:
+    """Top-1 error (%) in eval mode (BN running statistics), in large batches, one sync at the end.
+    With `mean`, `images` are uint8 and normalised batch by batch (cifar.eval_batches)."""
     was_training = model.training
     model.eval()
     wrong = torch.zeros((), dtype=torch.int64, device=images.device)
-    for x, y in cifar.eval_batches(images, labels, 1000, memory_format):
+    for x, y in cifar.eval_batches(images, labels, 1000, memory_format, mean):
         with autocast():
             wrong += (model(x).argmax(1) != y).sum()
     model.train(was_training)
@@ -205,26 +218,28 @@ class Engine:
     optimizer: torch.optim.SGD
     schedule: PaperSchedule
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    bf16: bool
-    precision: str               # what the convolutions compute in: bf16, tf32 or fp32
-    # channels_last: 1.33x NCHW per ResNet-20 and -56 step on our CPU (docs/speed.md), and cuDNN's
-    # fast NHWC path (GPU: unmeasured).
-    memory_format: torch.memory_format = torch.channels_last
+    precision: str               # what the convolutions compute in: bf16, fp16, tf32 or fp32
+    scaler: torch.amp.GradScaler  # fp16's loss scaling; disabled (a plain step) otherwise
+    memory_format: torch.memory_format = torch.channels_last  # device.channels_last: NCHW on MPS
     compile_error: str | None = None  # why the compiled step failed to build, and the run went on eagerly
     compile_tried: bool = False       # whether this process's first compiled step has been taken
 
     def autocast(self):
-        """bf16 autocast where the device has it natively (`native_bf16`: 2x fp32 on our CPU, and
-        the same final errors on real CIFAR-10, docs/speed.md); fp32 elsewhere."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        """bf16 or fp16 autocast where the run computes in it (device.resolve_precision: bf16 is 2x
+        fp32 on our CPU, with the same final errors on real CIFAR-10, docs/speed.md); off otherwise."""
+        dtype = AUTOCAST.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def make_engine(cfg: Config, dataset: cifar.Cifar10) -> Engine:
     """Data on the device, the net, SGD and the paper's schedule for `cfg`, weights initialised from
     cfg.seed, and the step compiled where that pays."""
     device = pick_device(cfg.device)
-    set_backends(device, tf32=cfg.tf32, deterministic=cfg.deterministic)
-    memory_format = torch.channels_last
+    ran, note = resolve_precision(device, cfg.precision)
+    if note:
+        print(f"precision {cfg.precision}: {note}", flush=True)
+    set_backends(device, tf32=ran == "tf32", deterministic=cfg.deterministic)
+    memory_format = channels_last(device)
     ds = cifar.split(dataset, cfg.val_size, cfg.seed)
     loader = cifar.CifarLoader(ds.train_x, ds.train_y, ds.mean, cfg.batch_size, cfg.seed, device, memory_format)
     torch.manual_seed(cfg.seed)  # the weight init
@@ -239,9 +254,8 @@ def make_engine(cfg: Config, dataset: cifar.Cifar10) -> Engine:
         # (unmeasured: scripts/gpu_check.py times it). Off unless asked for, and CUDA only.
         cuda_graphs = device.type == "cuda" and cfg.cuda_graphs
         step_model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
-    bf16 = cfg.bf16 and native_bf16(device)
-    return Engine(device, ds, loader, model, step_model, optimizer, schedule, scheduler, bf16,
-                  precision(device, bf16, cfg.tf32), memory_format)
+    scaler = torch.amp.GradScaler(device.type, enabled=ran == "fp16")
+    return Engine(device, ds, loader, model, step_model, optimizer, schedule, scheduler, ran, scaler, memory_format)
 
 
 @dataclass
@@ -307,12 +321,12 @@ def step(engine: Engine, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     RNG states (restored: a lazily compiled backward fails after the forward updated BN), so the
     run is an eager run bit for bit and its resume stays exact. Said once, and kept in run.json."""
     if engine.compile_tried or engine.step_model is engine.model:
-        return train_step(engine.step_model, engine.optimizer, x, y, engine.autocast)
+        return train_step(engine.step_model, engine.optimizer, x, y, engine.autocast, engine.scaler)
     engine.compile_tried = True
     before = {k: v.clone() for k, v in engine.model.state_dict().items()}
     rng = checkpoint.rng_states()
     try:
-        return train_step(engine.step_model, engine.optimizer, x, y, engine.autocast)
+        return train_step(engine.step_model, engine.optimizer, x, y, engine.autocast, engine.scaler)
     except Exception as e:  # noqa: BLE001 - any compile failure; an eager failure raises from the retry
         cause = getattr(e, "inner_exception", None) or e  # BackendCompilerFailed, InductorError: the backend's
         first = (str(cause).strip().splitlines() or [""])[0]
@@ -322,7 +336,7 @@ def step(engine: Engine, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
         engine.optimizer.zero_grad(set_to_none=True)
         checkpoint.set_rng_states(rng)
         engine.step_model = engine.model
-        return train_step(engine.model, engine.optimizer, x, y, engine.autocast)
+        return train_step(engine.model, engine.optimizer, x, y, engine.autocast, engine.scaler)
 
 
 def new_state(cfg: Config) -> dict:
@@ -346,6 +360,8 @@ def resume(engine: Engine, cfg: Config, path: Path, made: dict) -> dict:
     engine.model.load_state_dict(saved["model"])
     engine.optimizer.load_state_dict(saved["optimizer"])  # moves its state to the parameters' device
     engine.scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler") and engine.scaler.is_enabled():  # fp16's loss scale and its growth count
+        engine.scaler.load_state_dict(saved["scaler"])
     checkpoint.set_rng_states(saved["rng"])
     state = saved["state"]
     print(f"resuming from {path} at iteration {state['iteration']:,} of {cfg.iterations:,}", flush=True)
@@ -355,25 +371,28 @@ def resume(engine: Engine, cfg: Config, path: Path, made: dict) -> dict:
 def save(engine: Engine, cfg: Config, state: dict, made: dict, path: Path) -> None:
     checkpoint.save_atomic({"config": dataclasses.asdict(cfg), "made_by": made, "device_type": engine.device.type,
                             "model": engine.model.state_dict(), "optimizer": engine.optimizer.state_dict(),
-                            "scheduler": engine.scheduler.state_dict(), "rng": checkpoint.rng_states(),
+                            "scheduler": engine.scheduler.state_dict(), "scaler": engine.scaler.state_dict(),
+                            "rng": checkpoint.rng_states(),
                             "state": state}, path)
 
 
 class EvalSets:
-    """The normalised test set (and validation split) on the device. Intermediate points may use
-    the first `eval_subset` test images (the quick look: evaluation must not dominate); the final
-    point always uses the whole test set, with Fig. 7's responses recorded in the same pass."""
+    """The test set (and validation split) on the device as uint8, normalised batch by batch (a
+    quarter of float32's memory). Intermediate points may use the first `eval_subset` test images
+    (the quick look: evaluation must not dominate); the final point always uses the whole test set,
+    with Fig. 7's responses recorded in the same pass."""
 
     def __init__(self, engine: Engine, cfg: Config):
         ds, device = engine.split, engine.device
         self.engine, self.subset = engine, slice(0, cfg.eval_subset or None)
-        self.test = cifar.normalize(ds.test_x, ds.mean, device), torch.as_tensor(ds.test_y, device=device)
-        self.val = ((cifar.normalize(ds.val_x, ds.mean, device), torch.as_tensor(ds.val_y, device=device))
+        self.mean = torch.as_tensor(ds.mean, device=device)
+        self.test = torch.as_tensor(ds.test_x, device=device), torch.as_tensor(ds.test_y, device=device)
+        self.val = ((torch.as_tensor(ds.val_x, device=device), torch.as_tensor(ds.val_y, device=device))
                     if cfg.val_size else None)
 
     def errors(self, final: bool, state: dict) -> dict:
         e, (x, y) = self.engine, self.test
-        args = (e.autocast, e.memory_format)
+        args = (e.autocast, e.memory_format, self.mean)
         if final:
             with record_responses(e.model) as state["responses"]:
                 row = {"test_error": evaluate(e.model, x, y, *args)}
@@ -452,8 +471,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="run folder (checkpoint, metrics, history)")
     p.add_argument("--params", default=None, help="params.yaml whose `train` section sets the protocol")
     flag = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
-    kind = {"milestones": lambda s: [int(v) for v in s.split(",")], "warmup": flag, "bf16": flag, "tf32": flag,
-            "deterministic": flag, "cuda_graphs": flag,
+    kind = {"milestones": lambda s: [int(v) for v in s.split(",")], "warmup": flag, "deterministic": flag,
+            "cuda_graphs": flag,
             "bn_batch_size": lambda s: None if s.lower() in ("null", "none") else int(s),
             "compile": lambda s: "auto" if s.lower() == "auto" else flag(s)}
     for f in dataclasses.fields(Config):

@@ -177,15 +177,15 @@ def cuda_tests(check: Check, seconds: float) -> dict:
 
 def variants(device: torch.device, batch: int) -> dict[str, dict]:
     """The engine's settings per variant (train.Config fields), most wanted first."""
-    v = {"eager bf16": dict(compile=False, bf16=True),
-         "compiled bf16": dict(compile=True, bf16=True),
-         "compiled bf16 + CUDA graphs": dict(compile=True, cuda_graphs=True, bf16=True),
-         "eager strict fp32": dict(compile=False, bf16=False, tf32=False),
-         "eager tf32": dict(compile=False, bf16=False, tf32=True),
+    v = {"eager bf16": dict(compile=False, precision="bf16"),
+         "compiled bf16": dict(compile=True, precision="bf16"),
+         "compiled bf16 + CUDA graphs": dict(compile=True, cuda_graphs=True, precision="bf16"),
+         "eager strict fp32": dict(compile=False, precision="fp32"),
+         "eager tf32": dict(compile=False, precision="tf32"),
          # the paper's two GPUs: BN over each half of the batch (64 images at batch 128)
-         f"eager bf16, BN over {batch // 2} images": dict(compile=False, bf16=True, bn_batch_size=batch // 2),
-         "eager bf16, deterministic": dict(compile=False, bf16=True, deterministic=True),
-         "compiled bf16, deterministic": dict(compile=True, bf16=True, deterministic=True)}
+         f"eager bf16, BN over {batch // 2} images": dict(compile=False, precision="bf16", bn_batch_size=batch // 2),
+         "eager bf16, deterministic": dict(compile=False, precision="bf16", deterministic=True),
+         "compiled bf16, deterministic": dict(compile=True, precision="bf16", deterministic=True)}
     if device.type != "cuda":  # no CUDA graphs or TF32 on a CPU: the dry run says so
         v = {name: s for name, s in v.items() if "CUDA graphs" not in name and "tf32" not in name}
     return v

@@ -12,7 +12,7 @@ from conftest import train_until_first_checkpoint
 from replicate import train as engine
 
 CFG = dict(arch="resnet", depth=8, iterations=6, milestones=[4], batch_size=16, log_every=2, eval_every=2,
-           checkpoint_every=3, device="cpu", bf16=False)
+           checkpoint_every=3, device="cpu", precision="fp32")
 
 
 def no_compiler(gm, example_inputs):

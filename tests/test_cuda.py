@@ -37,7 +37,8 @@ def test_a_few_hundred_steps_learn_on_the_gpu(dataset):
     result = train(Config(**RUN, iterations=300, milestones=[200]), dataset=dataset, progress=False)
     m = result.metrics
     assert (m["device"], m["iterations"], m["diverged"]) == ("cuda", 300, False)
-    assert m["precision"] == ("bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp32")
+    capability = torch.cuda.get_device_capability()
+    assert m["precision"] == ("bf16" if capability >= (8, 0) else "fp16" if capability >= (7, 0) else "fp32")
     assert result.history.train_loss.iloc[-1] < result.history.train_loss.iloc[0]
     assert m["test_error"] < 50  # chance is 90%
 
@@ -65,7 +66,7 @@ def test_compiled_steps_train_like_eager_ones(dataset, cuda_graphs):
     """The same net, batches and start, eager and compiled (fp32 both): the same first loss, and
     losses that fall alike. Weights are not compared: 30 steps at lr 0.1 amplify the rounding of
     fused kernels."""
-    cfg = dict(RUN, depth=8, iterations=30, milestones=[20], bf16=False, tf32=False)
+    cfg = dict(RUN, depth=8, iterations=30, milestones=[20], precision="fp32")
     runs = {}
     for compiled in (False, True):
         engine = make_engine(Config(**{**cfg, "compile": compiled, "cuda_graphs": cuda_graphs and compiled}), dataset)

@@ -1,5 +1,5 @@
 """replicate.device on a CPU, with CUDA faked where a branch depends on it: bf16 only where it is
-native, the precision a run records, the process-wide switches (TF32, cuDNN, determinism), and
+native, fp16 on V100/T4, the precision a run records, MPS's fallbacks, the process-wide switches (TF32, cuDNN, determinism), and
 where torch.compile pays."""
 
 import os
@@ -50,21 +50,43 @@ def test_cpu_bf16_only_where_it_is_native(monkeypatch, flags, native):
     assert dev.native_bf16(torch.device("meta")) is False
 
 
-def test_precision_says_what_the_convolutions_compute_in(monkeypatch):
-    """With bf16 off, cuDNN would use TF32 by default while metrics.json said fp32: now the run
-    sets TF32 itself, and records it."""
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert dev.precision(CUDA, bf16=True, tf32=True) == "bf16"
-    assert dev.precision(CUDA, bf16=False, tf32=True) == "tf32"
-    assert dev.precision(CUDA, bf16=False, tf32=False) == "fp32"
-    assert dev.precision(torch.device("cpu"), bf16=False, tf32=True) == "fp32"  # no TF32 on a CPU
-
-
-@pytest.mark.parametrize("capability, want", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "tf32"), ((8, 6), "tf32")])
-def test_tf32_only_on_gpus_that_have_it(monkeypatch, capability, want):
-    """A V100 (7.0) or T4 (7.5) has no TF32: run.json said tf32 there while it computed fp32."""
+@pytest.mark.parametrize("capability, auto", [((6, 0), "fp32"), ((7, 0), "fp16"), ((7, 5), "fp16"),
+                                               ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_is_bf16_where_native_fp16_on_fp16_tensor_cores_fp32_elsewhere(monkeypatch, capability, auto):
+    """P100 (6.0): fp32; V100 (7.0), T4 (7.5): fp16 with a scaler; A100 (8.0), H100 (9.0): bf16.
+    An explicit bf16 or tf32 where the GPU lacks it runs in fp32 and says so; fp16 runs as asked."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert dev.precision(CUDA, bf16=False, tf32=True) == want
+    assert dev.resolve_precision(CUDA, "auto") == (auto, "")
+    assert dev.resolve_precision(CUDA, "fp16") == ("fp16", "")
+    assert dev.resolve_precision(CUDA, "fp32") == ("fp32", "")
+    ampere = capability >= (8, 0)
+    for setting in ("bf16", "tf32"):
+        ran, note = dev.resolve_precision(CUDA, setting)
+        assert (ran, bool(note)) == ((setting, False) if ampere else ("fp32", True))
+        assert ampere or f"no {'native bf16' if setting == 'bf16' else 'TF32'}" in note
+
+
+def test_precision_on_the_cpu_and_mps(monkeypatch):
+    """No TF32 off CUDA; bf16 where the CPU has it natively; auto never picks fp16 off CUDA (MPS: fp32)."""
+    cpu, mps = torch.device("cpu"), torch.device("mps")
+    monkeypatch.setattr(dev, "native_bf16", lambda device: device.type == "cpu")
+    assert dev.resolve_precision(cpu, "auto") == ("bf16", "")
+    assert dev.resolve_precision(cpu, "tf32")[0] == "fp32"
+    assert dev.resolve_precision(cpu, "fp16") == ("fp16", "")  # CPU autocast has float16: the tests use it
+    assert dev.resolve_precision(mps, "auto") == ("fp32", "")
+    assert dev.resolve_precision(mps, "bf16")[0] == "fp32"
+    monkeypatch.setattr(dev, "native_bf16", lambda device: False)
+    assert dev.resolve_precision(cpu, "auto") == ("fp32", "")
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp16, tf32, fp32, got 'half'"):
+        dev.resolve_precision(cpu, "half")
+
+
+def test_mps_trains_in_nchw_and_draws_its_batches_on_the_cpu():
+    """The two MPS branches that no Mac has checked (device.py says why) fall back to the CPU's ways."""
+    mps = torch.device("mps")
+    assert dev.channels_last(mps) == torch.contiguous_format and dev.generator_device(mps) == torch.device("cpu")
+    for d in (torch.device("cpu"), CUDA):
+        assert dev.channels_last(d) == torch.channels_last and dev.generator_device(d) == d
 
 
 def test_cuda_switches_follow_the_config(restore_backends):
@@ -88,7 +110,7 @@ def test_every_run_sets_the_switches_so_none_inherits_the_last_ones(restore_back
     assert torch.are_deterministic_algorithms_enabled()
     assert train.make_engine(train.Config(**cfg), small_dataset).precision in ("bf16", "fp32")
     assert not torch.are_deterministic_algorithms_enabled()
-    assert train.train(train.Config(**cfg, bf16=False, tf32=True), dataset=small_dataset,
+    assert train.train(train.Config(**cfg, precision="tf32"), dataset=small_dataset,
                        progress=False).metrics["precision"] == "fp32"
 
 

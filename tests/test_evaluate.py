@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from replicate import data as cifar
+
 from replicate import evaluate, weights
 from replicate.models import build
 from replicate.outputs import read as read_outputs
@@ -76,7 +77,7 @@ def test_train_evaluate_matches_a_plain_fp32_loop_over_a_test_set_of_several_bat
     """train's final test error (fp32, CPU) on 2,345 test images, two batches of 1,000 and one of 345,
     is exactly the error of a plain loop over them, normalised by hand as the paper does."""
     data = cifar.synthetic(500, 2_345, seed=4)
-    result = train(Config(**{**TINY, "iterations": 12, "milestones": [9], "bf16": False}), dataset=data,
+    result = train(Config(**{**TINY, "iterations": 12, "milestones": [9], "precision": "fp32"}), dataset=data,
                    progress=False)
     assert result.metrics["precision"] == "fp32" and result.metrics["test_images"] == 2_345
     mean = (data.train_x.astype(np.float64).mean(axis=0) / 255.0).astype(np.float32)  # the training images' pixels
@@ -209,3 +210,24 @@ def test_depth_and_arch_contradicting_the_tensors_are_refused(runs, tmp_path, ci
     (run / "run.json").write_text(json.dumps({**m, "depth": 20}))
     with pytest.raises(SystemExit, match=r"error: .*model.pt says depth 20 but its tensors are of depth 8"):
         evaluate.main([str(run), "--data", str(cifar_root)])
+
+
+def test_the_precision_a_run_computed_in_comes_from_run_json_or_the_checkpoints_setting_old_ones_too(monkeypatch):
+    """run.json and exports record what ran; a checkpoint's config only the setting, resolved here as
+    train.py would; checkpoints from before `precision` hold the bf16 and tf32 switches."""
+    from replicate import device as dev
+    from replicate.evaluate import Source, run_precision
+
+    monkeypatch.setattr(dev, "native_bf16", lambda device: True)
+    cpu = torch.device("cpu")
+
+    def ran(kind, **info):
+        return run_precision(Source("p", weights.Weights(path="p", kind=kind, state_dict={}, meta=info), info), cpu)
+    assert ran("state_dict", precision="fp16") == "fp16"
+    assert ran("export", precision="bf16") == "bf16"
+    assert ran("foreign") == "fp32"
+    assert ran("checkpoint", precision="auto") == "bf16"
+    assert ran("checkpoint", bf16=True, tf32=False) == "bf16"  # an older run's switches
+    assert ran("checkpoint", bf16=False, tf32=True) == "fp32"  # TF32 is CUDA's
+    monkeypatch.setattr(dev, "native_bf16", lambda device: False)
+    assert ran("checkpoint", precision="auto") == "fp32"

@@ -15,6 +15,12 @@ from replicate import grid, local, slurm
 from replicate.tasks import Task, View, outcome, progress, run_task
 
 
+@pytest.fixture(autouse=True)
+def no_nvidia_smi(monkeypatch):
+    """No test asks this machine's nvidia-smi: the GPUs' memory is faked where a test needs it."""
+    monkeypatch.setattr(local, "nvidia_smi", lambda *args: "")
+
+
 def test_auto_on_cuda_is_slots_per_gpu_round_robin():
     pins = local.slots("auto", n_runs=14, gpus=["0", "1"], cores=16, memory_gb=100)
     assert len(pins) == local.SLOTS_PER_GPU * 2
@@ -281,3 +287,67 @@ def test_stages_report_their_exit_codes_through_submitit(tmp_path):
 def test_unknown_slurm_option_names_the_known_ones(tmp_path):
     with pytest.raises(ValueError, match=r"unknown slurm option\(s\) \['timeout'\]; known: .*timeout_min"):
         slurm.executor(tmp_path, {"timeout": 5})
+
+
+# nvidia-smi of three machines: -L, then --query-gpu=index,uuid,memory.total,compute_cap (nounits)
+MIG_5GB = ("GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3b)\n"
+           + "".join(f"  MIG 1g.5gb     Device  {i}: (UUID: MIG-{i}0000000-a75d-5afc-978f-d2f1294409fd)\n" for i in range(7)),
+           "0, GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3b, 40960, 8.0\n")
+T4 = ("GPU 0: Tesla T4 (UUID: GPU-0a1b2c3d-0000-1111-2222-333344445555)\n",
+      "0, GPU-0a1b2c3d-0000-1111-2222-333344445555, 15360, 7.5\n")
+H100 = ("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-9e8d7c6b-0000-1111-2222-333344445555)\n",
+        "0, GPU-9e8d7c6b-0000-1111-2222-333344445555, 81559, 9.0\n")
+
+
+def fake_machine(monkeypatch, smi):
+    monkeypatch.setattr(local, "cuda_available", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(local, "nvidia_smi", lambda *args: smi[1] if args and "--query-gpu" in args[0] else smi[0])
+
+
+@pytest.mark.parametrize("smi, cores, deepest, want, why", [
+    # a MIG 1g.5gb slice (4.75 GiB) holds 3 ResNet-110s in bf16, where SLOTS_PER_GPU put 4
+    (MIG_5GB, 32, local.Deepest(110), 21, "3 per GPU: 4.8 GB holds 3 runs of ResNet-110 at batch 128 in bf16 (1.5 GB each)"),
+    (MIG_5GB, 16, local.Deepest(110), 16, "2-3 per GPU: 4.8 GB holds 3 runs of ResNet-110 at batch 128 in bf16 "
+                                          "(1.5 GB each), 16 cores feed 16"),
+    (MIG_5GB, 32, local.Deepest(1202), 7, "1 per GPU: 4.8 GB holds 1 runs of ResNet-1202"),  # does not fit: 1 tries
+    # a T4: fp16 under auto (7.5), fp32 when asked
+    (T4, 8, local.Deepest(110), 8, "8 per GPU: 15.0 GB holds 9 runs of ResNet-110 at batch 128 in fp16 (1.5 GB each), "
+                                   "8 cores feed 8"),
+    (T4, 16, local.Deepest(110, "fp32"), 6, "6 per GPU: 15.0 GB holds 6 runs of ResNet-110 at batch 128 in fp32 (2.3 GB each)"),
+    (T4, 16, local.Deepest(110, "bf16"), 6, "in fp32"),  # no native bf16 on a T4: the run will be fp32
+    # an H100 80GB: the cores decide for ResNet-110, the memory for ResNet-1202
+    (H100, 16, local.Deepest(110), 16, "16 per GPU: 79.6 GB holds 52 runs of ResNet-110 at batch 128 in bf16 "
+                                       "(1.5 GB each), 16 cores feed 16"),
+    (H100, 16, local.Deepest(1202), 8, "8 per GPU: 79.6 GB holds 8 runs of ResNet-1202 at batch 128 in bf16 (9.2 GB each)"),
+])
+def test_auto_gives_each_gpu_as_many_runs_as_its_memory_holds(monkeypatch, smi, cores, deepest, want, why):
+    fake_machine(monkeypatch, smi)
+    gpus = local.visible_gpus()
+    pins, said = local.plan("auto", 64, cores=cores, memory_gb=100, deepest=deepest)
+    assert len(pins) == want and why in said
+    seen = [p["CUDA_VISIBLE_DEVICES"] for p in pins]
+    assert seen[:len(gpus)] == gpus[:want] and max(map(seen.count, gpus)) - min(map(seen.count, gpus)) <= 1
+
+
+def test_the_grids_start_line_says_why_it_chose_k(monkeypatch, capsys):
+    """The deepest run of the profile decides (quick: ResNet-56), in the precision its GPU will run."""
+    fake_machine(monkeypatch, T4)
+    monkeypatch.setattr(local, "cpu_count", lambda: 4)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(grid, "dvc", lambda *args, root, capture=False: subprocess.CompletedProcess(args, 0))
+    monkeypatch.setattr(grid, "pending", lambda stages, root: stages)
+    monkeypatch.setattr(local, "run_local", lambda tasks, root, view, pins, again=None: {t.run: 0 for t in tasks})
+    grid.main(["--profile", "quick"])
+    out = capsys.readouterr().out
+    assert "4 to train (4 at a time: OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=0; " in out
+    assert ("; because 4 per GPU: 15.0 GB holds 13 runs of ResNet-56 at batch 128 in fp16 (1.1 GB each), 4 cores feed 4)"
+            in out)
+
+
+def test_gpu_memory_reads_mig_profiles_and_full_gpus_and_says_unknown_otherwise():
+    info = local.gpu_memory(["MIG-00000000-a75d-5afc-978f-d2f1294409fd", "0", "GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3b",
+                             "MIG-GPU-5c89852c/1/0"], *MIG_5GB)
+    assert list(info.values()) == [local.GpuInfo(4.75, (8, 0)), local.GpuInfo(40.0, (8, 0)),
+                                   local.GpuInfo(40.0, (8, 0)), local.GpuInfo(None)]
+    assert local.gpu_memory(["0"], "GPU 0: Tesla V100 (UUID: GPU-x)", "0, GPU-x, 16384") == {"0": local.GpuInfo(16.0)}

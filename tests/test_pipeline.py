@@ -40,7 +40,7 @@ def test_params_hold_the_papers_protocol_and_grid(params):
     assert (train["lr"], train["batch_size"], train["momentum"], train["weight_decay"]) == (0.1, 128, 0.9, 1e-4)
     assert train["warmup"] is None and train["warmup_lr"] == 0.01 and train["warmup_until"] == 80.0
     assert train["shortcut"] == "A" and train["val_size"] == 0 and train["device"] == "auto"
-    assert train["eval_subset"] == 0 and train["bf16"] is True and train["lr_ramp"] == 0
+    assert train["eval_subset"] == 0 and train["precision"] == "auto" and train["lr_ramp"] == 0
     # the paper's runs: the ten nets once, ResNet-110 five times (Table 6: best and mean±std of 5)
     ten = [f"{a}-{d}-0" for a in ("plain", "resnet") for d in (20, 32, 44, 56, 110)]
     assert params["grid"] == ten + [f"resnet-110-{s}" for s in (1, 2, 3, 4)]
@@ -92,7 +92,7 @@ def test_notebook_defaults_are_the_papers_resnet20_run(params):
     ("iterations", "64k", r"train\.iterations must be an integer, got '64k' \(str\)"),
     ("iterations", 64000.0, r"train\.iterations must be an integer, got 64000\.0 \(float\)"),
     ("milestones", [32000, "48k"], r"train\.milestones must be a list of integers"),
-    ("bf16", "yes", r"train\.bf16 must be true or false, got 'yes'"),
+    ("deterministic", "yes", r"train\.deterministic must be true or false, got 'yes'"),
 ])
 def test_a_value_of_the_wrong_type_names_its_key_once(params, key, value, error):
     """`lr: 0.1x` gave "'<=' not supported between instances of 'str' and 'int'" for every run."""

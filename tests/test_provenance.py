@@ -59,7 +59,7 @@ def test_an_unchanged_finished_run_resumes_its_final_checkpoint(tmp_path, finish
     {"iterations": 8, "milestones": [4]},  # the iterations 40 -> 35
     {"lr": 0.05},                          # a protocol key, as docs/quick-look.md suggests for bn_batch_size
     {"eval_every": 8},                     # no new test error may be kept from the old run's history
-    {"bf16": False},                       # metrics.json said fp32 for weights trained in bf16
+    {"precision": "fp32"},                # run.json said fp32 for weights trained in bf16
     {"shortcut": "B"},                     # train.shortcut is the grid's protocol, not the run's name
 ])
 def test_a_changed_setting_retrains_from_scratch_and_moves_the_old_checkpoint_aside(

@@ -186,3 +186,26 @@ def test_a_truncated_checkpoint_names_the_file_and_the_fix(tmp_path, small_datas
     assert str(ckpt) in str(e.value) and "not a readable checkpoint" in str(e.value)
     assert "Delete it to restart this run from iteration 0" in str(e.value)
     assert "PytorchStreamReader" not in str(e.value).split("(")[0]
+
+
+def test_an_fp16_run_resumes_its_gradient_scaler_and_ends_identical(tmp_path, small_dataset, steps):
+    """fp16 (V100, T4) trains with a gradient scaler whose state (the loss scale, the count of steps
+    since it last changed) is part of the checkpoint. On the CPU, whose autocast has float16 (slow
+    here: a few steps of batch 8 only): killed after its first checkpoint and resumed, the run takes
+    only the steps after it and ends with the weights, metrics and scaler of an uninterrupted run."""
+    cfg = Config(**{**TINY, "iterations": 6, "milestones": [4], "batch_size": 8, "log_every": 3, "eval_every": 3,
+                    "checkpoint_every": 3, "precision": "fp16"})
+    train_until_first_checkpoint(cfg, tmp_path / "resumed", small_dataset)
+    saved = checkpoint.load(tmp_path / "resumed" / "checkpoint.pt")
+    assert saved["scaler"]["_growth_tracker"] == 3 and saved["scaler"]["scale"] > 1
+    steps.clear()
+    resumed = train(cfg, dataset=small_dataset, out_dir=tmp_path / "resumed", progress=False)
+    assert len(steps) == 3, "the run did not resume from its checkpoint"
+    whole = train(cfg, dataset=small_dataset, out_dir=tmp_path / "whole", progress=False)
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert resumed.metrics["precision"] == whole.metrics["precision"] == "fp16"
+    assert {k: v for k, v in resumed.metrics.items() if k != "seconds"} == \
+        {k: v for k, v in whole.metrics.items() if k != "seconds"}
+    ends = [checkpoint.load(tmp_path / run / "checkpoint.pt")["scaler"] for run in ("resumed", "whole")]
+    assert ends[0] == ends[1] and ends[0]["_growth_tracker"] == 6  # 3 if the resume had dropped it

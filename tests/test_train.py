@@ -1,5 +1,6 @@
 """The training engine: the paper's schedule and warm-up, outputs, divergence and bad input."""
 
+import dataclasses
 import json
 import math
 import re
@@ -202,13 +203,15 @@ def test_cli_names_a_tab_in_the_params_file_without_a_traceback(tmp_path):
 def test_bf16_steps_keep_weights_and_bn_statistics_in_fp32(small_dataset, monkeypatch):
     """Under CPU autocast the convolutions run in bf16, but the weights, the BN running statistics
     and the loss stay fp32; the run records its precision."""
-    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    from replicate import device as dev
+
+    monkeypatch.setattr(dev, "native_bf16", lambda device: True)
     cfg = Config(arch="resnet", depth=8, iterations=4, milestones=[2], batch_size=16, log_every=2, eval_every=2,
                  device="cpu", compile=False)
     e = engine.make_engine(cfg, small_dataset)
-    assert e.bf16
+    assert e.precision == "bf16" and not e.scaler.is_enabled()
     x, y = e.loader.batch(0)
-    loss, _ = engine.train_step(e.step_model, e.optimizer, x, y, e.autocast)
+    loss, _ = engine.train_step(e.step_model, e.optimizer, x, y, e.autocast, e.scaler)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in e.model.parameters())
     bn = e.model.layer1[0].bn1
@@ -216,7 +219,24 @@ def test_bf16_steps_keep_weights_and_bn_statistics_in_fp32(small_dataset, monkey
     assert not torch.equal(bn.running_var, torch.ones_like(bn.running_var))  # updated by the step
     with e.autocast():
         assert e.model.conv1(x).dtype == torch.bfloat16
-    monkeypatch.setattr(engine, "native_bf16", lambda device: False)
-    assert not engine.make_engine(cfg, small_dataset).bf16  # emulated bf16: fp32, as asked or not
-    result = train(cfg, dataset=small_dataset, progress=False)
-    assert result.metrics["precision"] == "fp32"
+    monkeypatch.setattr(dev, "native_bf16", lambda device: False)
+    assert engine.make_engine(cfg, small_dataset).precision == "fp32"  # emulated bf16: fp32
+    result = train(Config(**{**dataclasses.asdict(cfg), "precision": "bf16"}), dataset=small_dataset, progress=False)
+    assert result.metrics["precision"] == "fp32"  # asked for, not native: fp32, and the run says so
+
+
+def test_fp16_runs_under_autocast_with_a_gradient_scaler(small_dataset):
+    cfg = Config(arch="resnet", depth=8, iterations=2, milestones=[1], batch_size=8, log_every=1, eval_every=1,
+                 device="cpu", compile=False, precision="fp16")
+    e = engine.make_engine(cfg, small_dataset)
+    assert e.precision == "fp16" and e.scaler.is_enabled()
+    x, _ = e.loader.batch(0)
+    with e.autocast():
+        assert e.model.conv1(x).dtype == torch.float16
+
+
+def test_the_old_bf16_and_tf32_switches_name_their_replacement():
+    with pytest.raises(ValueError, match=r"bf16 and tf32 are now one setting, precision .*`precision: auto`"):
+        Config.from_dict({"bf16": True, "tf32": False})
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp16, tf32, fp32, got 'half'"):
+        Config(precision="half")
