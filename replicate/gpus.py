@@ -198,7 +198,7 @@ def _preflight_step(config: dict) -> dict:
         torch.cuda.init()
     engine = make_engine(cfg, cifar.synthetic(2 * cfg.batch_size, 10, seed=0))
     x, y = engine.loader.batch(0)
-    loss = train_step(engine.model, engine.optimizer, x, y, engine.autocast)[0].item()  # .item(): waits for the GPU
+    loss = train_step(engine.model, engine.optimizer, x, y, engine.autocast, engine.scaler)[0].item()  # waits for the GPU
     if device.type == "cuda":
         peak, what = torch.cuda.max_memory_allocated(device), "GPU memory (torch.cuda.max_memory_allocated)"
     else:  # the tests' stand-in: the process's peak resident memory (ru_maxrss, KiB on Linux)
