@@ -125,7 +125,7 @@ def grid_on_a_gpu(monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     monkeypatch.setattr(grid, "dvc", lambda *args, root, capture=False: subprocess.CompletedProcess(args, 0))
     monkeypatch.setattr(grid, "pending", lambda stages, root: stages)
-    monkeypatch.setattr(local, "slots", lambda jobs, n_runs: [PIN])
+    monkeypatch.setattr(local, "plan", lambda jobs, n_runs, **kwargs: ([PIN], "one GPU slot (the test's)"))
     monkeypatch.setattr(local, "run_local", lambda tasks, root, view, pins, again=None:
                         started.append(pins) or {t.run: 0 for t in tasks})
     return started
@@ -155,7 +155,7 @@ def test_a_failed_preflight_stops_the_grid_before_any_worker(grid_on_a_gpu):
 
 
 def test_a_cpu_grid_has_no_preflight(grid_on_a_gpu, monkeypatch):
-    monkeypatch.setattr(local, "slots", lambda jobs, n_runs: [{"OMP_NUM_THREADS": "1"}])
+    monkeypatch.setattr(local, "plan", lambda jobs, n_runs, **kwargs: ([{"OMP_NUM_THREADS": "1"}], "a CPU slot"))
     monkeypatch.setattr(gpus, "preflight", lambda *a, **k: pytest.fail("a preflight on a CPU machine"))
     grid.main(["--profile", "quick", "--jobs", "1"])
     assert grid_on_a_gpu == [[{"OMP_NUM_THREADS": "1"}]]
