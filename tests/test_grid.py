@@ -338,6 +338,7 @@ def test_the_grids_start_line_says_why_it_chose_k(monkeypatch, capsys):
     monkeypatch.setattr(grid, "dvc", lambda *args, root, capture=False: subprocess.CompletedProcess(args, 0))
     monkeypatch.setattr(grid, "pending", lambda stages, root: stages)
     monkeypatch.setattr(local, "run_local", lambda tasks, root, view, pins, again=None: {t.run: 0 for t in tasks})
+    monkeypatch.setattr(grid, "preflight", lambda *args: None)  # tests/test_gpus.py tests it
     grid.main(["--profile", "quick"])
     out = capsys.readouterr().out
     assert "4 to train (4 at a time: OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=0; " in out
