@@ -115,7 +115,8 @@ def gpu_fits(gpus: list[str], info: dict[str, GpuInfo], deepest: Deepest) -> tup
         net = f"ResNet-{deepest.depth} at batch {deepest.batch} in {precision} ({each:.1f} GB each)"
         fits.append(n)
         holds.append(f"memory unknown (no nvidia-smi), {n} assumed for {net}" if gi.gib is None else
-                     f"{gi.gib:.1f} GB holds {n} runs of {net}")
+                     f"{gi.gib:.1f} GB holds {n} runs of {net}" if gi.gib >= each else
+                     f"{gi.gib:.1f} GB is less than one run of {net}: 1 tries, and may run out of memory")
     return fits, holds
 
 

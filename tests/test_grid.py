@@ -310,7 +310,7 @@ def fake_machine(monkeypatch, smi):
     (MIG_5GB, 32, local.Deepest(110), 21, "3 per GPU: 4.8 GB holds 3 runs of ResNet-110 at batch 128 in bf16 (1.5 GB each)"),
     (MIG_5GB, 16, local.Deepest(110), 16, "2-3 per GPU: 4.8 GB holds 3 runs of ResNet-110 at batch 128 in bf16 "
                                           "(1.5 GB each), 16 cores feed 16"),
-    (MIG_5GB, 32, local.Deepest(1202), 7, "1 per GPU: 4.8 GB holds 1 runs of ResNet-1202"),  # does not fit: 1 tries
+    (MIG_5GB, 32, local.Deepest(1202), 7, "1 per GPU: 4.8 GB is less than one run of ResNet-1202 at batch 128 in bf16 (9.2 GB each): 1 tries"),  # does not fit: 1 tries
     # a T4: fp16 under auto (7.5), fp32 when asked
     (T4, 8, local.Deepest(110), 8, "8 per GPU: 15.0 GB holds 9 runs of ResNet-110 at batch 128 in fp16 (1.5 GB each), "
                                    "8 cores feed 8"),
