@@ -89,15 +89,21 @@ def resolve_precision(device: torch.device, setting: str) -> tuple[str, str]:
     run.json records what ran. tf32 exists on CUDA from Ampere (8.0) only; elsewhere it is fp32.
     fp16 runs as asked everywhere (CPU autocast has it; slow on most CPUs).
     """
+    ampere = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    return choose_precision(setting, native_bf16(device), fp16_tensor_cores(device), ampere, device.type)
+
+
+def choose_precision(setting: str, bf16: bool, fp16: bool, tf32: bool, where: str) -> tuple[str, str]:
+    """resolve_precision's rule on what a device has (native bf16, fp16 tensor cores, TF32), so that
+    the grid applies it to a GPU it only knows from nvidia-smi (local.gpu_fits), without CUDA."""
     if setting not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {setting!r}")
     if setting == "auto":
-        return ("bf16" if native_bf16(device) else "fp16" if fp16_tensor_cores(device) else "fp32"), ""
-    if setting == "bf16" and not native_bf16(device):
-        return "fp32", f"{device.type} has no native bf16 (emulated bf16 is slower than fp32): ran in fp32"
-    ampere = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    if setting == "tf32" and not ampere:
-        return "fp32", f"{device.type} has no TF32 (CUDA from compute capability 8.0): ran in fp32"
+        return ("bf16" if bf16 else "fp16" if fp16 else "fp32"), ""
+    if setting == "bf16" and not bf16:
+        return "fp32", f"{where} has no native bf16 (emulated bf16 is slower than fp32): ran in fp32"
+    if setting == "tf32" and not tf32:
+        return "fp32", f"{where} has no TF32 (CUDA from compute capability 8.0): ran in fp32"
     return setting, ""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 
+from .device import choose_precision
 from .tasks import Task, View, cost, outcome, start
 
 # Local slots per GPU for JOBS=auto where its memory is unknown (no nvidia-smi): a guess. Where it
@@ -125,11 +126,8 @@ def gpu_precision(setting: str, capability: tuple[int, int] | None) -> str:
     rule, without starting CUDA in this process); an unknown capability counts as fp32, the largest."""
     if capability is None:
         return "fp32"
-    if setting == "auto":
-        return "bf16" if capability >= (8, 0) else "fp16" if capability >= (7, 0) else "fp32"
-    if setting in ("bf16", "tf32") and capability < (8, 0):
-        return "fp32"
-    return setting
+    ampere = capability >= (8, 0)
+    return choose_precision(setting, ampere, capability >= (7, 0), ampere, "cuda")[0]
 
 
 def gpu_memory(gpus: list[str], listing: str | None = None, query: str | None = None) -> dict[str, GpuInfo]:
