@@ -42,19 +42,21 @@ class Gpu:
     driver: str
 
 
+def nvidia_smi(*args: str) -> str:
+    """nvidia-smi's output (`-L` by default); "" where it is missing or fails."""
+    try:
+        done = subprocess.run(["nvidia-smi", *(args or ["-L"])], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
 def listed_gpus() -> list[Gpu]:
     """The GPUs `nvidia-smi` lists, [] without it (a CPU machine: no process is started)."""
     if shutil.which("nvidia-smi") is None:
         return []
-    try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    if done.returncode != 0:
-        return []
     gpus = []
-    for line in done.stdout.splitlines():
+    for line in nvidia_smi("--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader").splitlines():
         parts = [p.strip() for p in line.rsplit(",", 2)]
         if len(parts) == 3 and parts[0]:
             cap = parts[1].split(".")

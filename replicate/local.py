@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 
 from .device import choose_precision
+from .gpus import nvidia_smi
 from .tasks import Task, View, cost, outcome, start
 
 # Local slots per GPU for JOBS=auto where its memory is unknown (no nvidia-smi): a guess. Where it
@@ -200,15 +201,6 @@ def _smi_gpus(text: str) -> list[str]:
         elif (m := re.search(r"\(UUID: (MIG-[^)\s]+)\)", line)) and gpus:
             gpus[-1][1].append(m[1])
     return [entry for index, migs in gpus for entry in (migs or [index])]
-
-
-def nvidia_smi(*args: str) -> str:
-    """nvidia-smi's output (`-L` by default); "" where it is missing or fails."""
-    try:
-        done = subprocess.run(["nvidia-smi", *(args or ["-L"])], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout if done.returncode == 0 else ""
 
 
 def cuda_available() -> bool:
