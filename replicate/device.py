@@ -74,6 +74,13 @@ PRECISIONS = ("auto", "bf16", "fp16", "tf32", "fp32")  # train.Config.precision
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the precisions that run under autocast
 
 
+def autocast(device_type: str, precision: str) -> torch.autocast:
+    """The autocast context of a run that computes in `precision` (resolved): on for bf16 and fp16, off
+    otherwise (tf32 and fp32 are switches of the backends, set_backends)."""
+    dtype = AUTOCAST.get(precision)
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def fp16_tensor_cores(device: torch.device) -> bool:
     """CUDA from compute capability 7.0 (V100, T4, RTX 20xx): fp16 tensor cores, bf16 emulated."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 0)

@@ -24,7 +24,7 @@ import torch
 
 from . import data as cifar
 from . import weights as W
-from .device import AUTOCAST, PRECISIONS, channels_last, pick_device, resolve_precision, set_backends
+from .device import AUTOCAST, PRECISIONS, autocast, channels_last, pick_device, resolve_precision, set_backends
 from .report import net_name
 from .train import evaluate as error_of
 from . import outputs
@@ -148,9 +148,7 @@ def evaluate_source(src: Source, data: cifar.Cifar10, device: torch.device, *, a
     if note:
         src.notes.append(f"the run computed in {ran} but {note}, so the error may differ slightly from the run's")
     set_backends(device, tf32=here == "tf32", deterministic=bool(info.get("deterministic")))
-    dtype = AUTOCAST.get(here)
-    error = error_of(model, x, y, lambda: torch.autocast(device.type, dtype=dtype or torch.bfloat16,
-                                                         enabled=dtype is not None), memory_format)
+    error = error_of(model, x, y, lambda: autocast(device.type, here), memory_format)
     recorded = info.get("test_error")
     if recorded is not None and info.get("device") not in (None, device.type):
         src.notes.append(f"trained on {info['device']}, evaluated on {device.type}: the error may differ slightly "

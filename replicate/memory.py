@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from .device import autocast
+
 # Bytes saved for backward by one training step at batch 128, as base + n * per_block (depth 6n+2),
 # by the precision's element size. `python -m replicate.memory` on an Intel Xeon, torch 2.14, CPU autocast.
 BATCH = 128
@@ -74,9 +76,8 @@ def measure(depth: int, precision: str = "fp32", batch: int = BATCH, arch: str =
 
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with autocast("cpu", precision):
             loss = torch.nn.functional.cross_entropy(model(x), y)
     del loss
     return sum(seen.values())

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, code_commit, code_fingerprint, outputs
 from . import data as cifar
-from .device import AUTOCAST, PRECISIONS, channels_last, compile_pays, device_name, pick_device, resolve_precision, set_backends
+from .device import (PRECISIONS, autocast, channels_last, compile_pays, device_name, pick_device, resolve_precision,
+                     set_backends)
 from .models import build, check_depth, record_responses
 
 CHECKPOINT = "checkpoint.pt"
@@ -227,8 +228,7 @@ class Engine:
     def autocast(self):
         """bf16 or fp16 autocast where the run computes in it (device.resolve_precision: bf16 is 2x
         fp32 on our CPU, with the same final errors on real CIFAR-10, docs/speed.md); off otherwise."""
-        dtype = AUTOCAST.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+        return autocast(self.device.type, self.precision)
 
 
 def make_engine(cfg: Config, dataset: cifar.Cifar10) -> Engine:
