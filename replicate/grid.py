@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         local.parse_jobs(args.jobs)  # before any DVC command runs
         options = slurm_options(params, args.slurm) if args.executor == "slurm" else {}
         if args.executor == "local":  # a Slurm task checks on its own node (pipeline.train_stage)
-            gpus.check_gpus_usable(str(pipeline.train_params(params, args.profile).get("device", "auto")))
+            gpus.check_gpus_usable(str(protocol.get("device", "auto")))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

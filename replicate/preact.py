@@ -24,7 +24,6 @@ __all__ = [
     "ARCHS", "TABLE1", "TABLE2",
     "CifarResNet2016", "ResidualUnit", "ScaledUnit", "GatedUnit", "ShortcutDropout",
     "check_depth", "table1",
-    "preact_resnet110", "preact_resnet164", "preact_resnet1001", "resnet164", "resnet1001",
 ]
 
 KERNELS = {"basic": (3, 3), "bottleneck": (1, 3, 1), "onelayer": (3,)}
@@ -358,28 +357,3 @@ def table1(row: str, depth: int = 110, **kwargs) -> nn.Module:
         raise KeyError(f"Table 1 has no row {row!r}; its rows: {', '.join(TABLE1)}")
     arch, options = TABLE1[row]
     return build(arch, depth, **options, **kwargs)
-
-
-def preact_resnet110(**kw) -> CifarResNet2016:
-    """Pre-activation ResNet-110, basic units (Table 3: 1.7M parameters, 6.37% on CIFAR-10)."""
-    return build("preact", 110, **kw)
-
-
-def preact_resnet164(**kw) -> CifarResNet2016:
-    """Pre-activation ResNet-164, bottleneck units (Table 3: 1.7M parameters, 5.46%; CIFAR-100 24.33%)."""
-    return build("preactbottleneck", 164, **kw)
-
-
-def preact_resnet1001(**kw) -> CifarResNet2016:
-    """Pre-activation ResNet-1001, bottleneck units (Table 3: 10.2M parameters, 4.92%; CIFAR-100 22.71%)."""
-    return build("preactbottleneck", 1001, **kw)
-
-
-def resnet164(**kw) -> CifarResNet2016:
-    """ResNet-164 of original bottleneck units (Table 3: 5.93%; CIFAR-100 25.16%)."""
-    return build("bottleneck", 164, **kw)
-
-
-def resnet1001(**kw) -> CifarResNet2016:
-    """ResNet-1001 of original bottleneck units (Table 3: 7.61%; CIFAR-100 27.82%)."""
-    return build("bottleneck", 1001, **kw)
