@@ -75,9 +75,10 @@ def dvc(*args, cwd, check=True):
     return run(sys.executable, "-m", "dvc", *args, cwd=cwd, check=check)
 
 
-def grid(*args, cwd, check=True):
+def grid(*args, cwd, check=True, env=ENV):
     """What `make repro JOBS=2` runs after fetching."""
-    return run(sys.executable, "-m", "replicate.grid", "--jobs", "2", "--every", "2", *args, cwd=cwd, check=check)
+    return run(sys.executable, "-m", "replicate.grid", "--jobs", "2", "--every", "2", *args, cwd=cwd, check=check,
+               env=env)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ DVC in a temporary copy of the project, on small generated tarballs."""
 import json
 import os
 import re
-import sys
 import time
 
 import pandas as pd
@@ -16,17 +15,18 @@ import yaml
 from conftest import make_tarball
 from replicate import data as cifar
 from replicate import pipeline
-from test_repro import ENV, copy_project, dvc, run, set_params
+from test_repro import ENV, copy_project, dvc, set_params
+from test_repro import grid as repro_grid
 
 pytestmark = pytest.mark.slow
 RUNS = ["plain-8-0", "resnet-8-0"]
 
 
 def grid(project):
-    """`make repro JOBS=2` after fetching, with the copy's own package first on the path: the
-    notebooks' kernels must run the code the test edits, not the checkout's."""
-    env = {**ENV, "PYTHONPATH": f"{project}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return run(sys.executable, "-m", "replicate.grid", "--jobs", "2", "--every", "2", cwd=project, env=env)
+    """test_repro's grid run, with the copy's own package first on the path: the notebooks' kernels
+    must run the code the test edits, not the checkout's."""
+    path = f"{project}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    return repro_grid(cwd=project, env={**ENV, "PYTHONPATH": path})
 
 
 def made_by(project, name: str) -> dict:
