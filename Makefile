@@ -10,6 +10,8 @@ PY := $(VENV)/bin/python
 # EXECUTOR local, or slurm (the train stages as one Slurm job array); SLURM_ARGS overrides
 # params.yaml's slurm section, e.g. SLURM_ARGS="partition=gpu timeout_min=120".
 JOBS ?= auto
+# PAPER: whose runs make repro and make quick train: 2015 (the default) or 2016 (the sequel).
+PAPER ?= 2015
 EXECUTOR ?= local
 SLURM_ARGS ?=
 # TORCH_INDEX: where torch and torchvision come from. Empty: PyPI, today a CUDA 13.0 build (NVIDIA
@@ -60,17 +62,17 @@ test-slurm: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not slurm"
 
-## repro: fetch and check CIFAR-10 (data.dvc), train the paper's grid JOBS at a time, build the report
+## repro: fetch and check CIFAR-10 (data.dvc), train the paper's grid JOBS at a time, build the report (PAPER=2016: the sequel's)
 .PHONY: repro
 repro: $(STAMP)
 	$(PY) -m replicate.pipeline fetch
-	$(PY) -m replicate.grid --jobs $(JOBS) --executor $(EXECUTOR) $(if $(SLURM_ARGS),--slurm $(SLURM_ARGS))
+	$(PY) -m replicate.grid --paper $(PAPER) --jobs $(JOBS) --executor $(EXECUTOR) $(if $(SLURM_ARGS),--slurm $(SLURM_ARGS))
 
-## quick: Fig. 1 and the ResNet fix on a CPU in about 15 minutes (params.yaml quick; reports/quick/)
+## quick: Fig. 1 and the ResNet fix on a CPU in about 15 minutes (params.yaml quick; reports/quick/); PAPER=2016: the sequel's (reports/2016/quick/)
 .PHONY: quick
 quick: $(STAMP)
 	$(PY) -m replicate.pipeline fetch
-	$(PY) -m replicate.grid --profile quick --jobs $(JOBS) --executor $(EXECUTOR) $(if $(SLURM_ARGS),--slurm $(SLURM_ARGS))
+	$(PY) -m replicate.grid --paper $(PAPER) --profile quick --jobs $(JOBS) --executor $(EXECUTOR) $(if $(SLURM_ARGS),--slurm $(SLURM_ARGS))
 
 ## lab: open JupyterLab here, in .venv: notebooks/ and every executed run in results/
 .PHONY: lab

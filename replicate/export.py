@@ -29,7 +29,8 @@ import torch
 from . import data as cifar
 from . import weights as W
 from .evaluate import training_mean
-from .report import PAPER_TABLE6, net_name, paper_text
+from .papers.he2015 import PAPER_TABLE6, paper_text
+from .report import net_name
 from . import outputs
 
 MANIFEST = "MANIFEST.json"

@@ -10,6 +10,7 @@ The order is: the upstream stages (`prepare`, `check`), the runs that are not up
 
     python -m replicate.grid --jobs auto              # make repro
     python -m replicate.grid --profile quick          # make quick
+    python -m replicate.grid --paper 2016 [--profile quick]   # make repro PAPER=2016 (make quick PAPER=2016)
     python -m replicate.grid --executor slurm --slurm partition=gpu timeout_min=120
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from . import gpus, local, pipeline, slurm
+from . import gpus, local, papers, pipeline, slurm
 from .pipeline import Run
 from .tasks import Task, View, outcome, pins_text, rel
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m replicate.grid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default=pipeline.PARAMS)
-    p.add_argument("--profile", choices=sorted(pipeline.PROFILES), default="paper")
+    p.add_argument("--paper", choices=sorted(papers.PAPERS), default=papers.DEFAULT, help="which paper's runs")
+    p.add_argument("--profile", choices=("paper", "quick"), default="paper", help="its grid, or its quick look")
     p.add_argument("--jobs", default="auto", help="runs trained at once, or auto (default)")
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
     p.add_argument("--slurm", nargs="*", default=[], metavar="KEY=VALUE",
@@ -55,13 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--every", type=float, default=30.0, help="seconds between status lines")
     args = p.parse_args(argv)
     root = Path.cwd()
-    profile = pipeline.PROFILES[args.profile]
+    profile = pipeline.profile_of(args.paper, args.profile)
     try:
         params = pipeline.load_params(args.params)
         pipeline.check(params, pipeline.NOTEBOOK, pipeline.DVC_YAML)
-        grid_runs = pipeline.runs(params, args.profile)
+        grid_runs = pipeline.runs(params, profile)
         names = [r.name for r in grid_runs]
-        protocol = pipeline.train_params(params, args.profile)
+        protocol = pipeline.train_params(params, profile)
         deepest = local.Deepest(max(r.depth for r in grid_runs), protocol.get("precision", "auto"),
                                 protocol.get("batch_size", 128))
         local.parse_jobs(args.jobs)  # before any DVC command runs
@@ -80,10 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     tasks = [Task(s.split("@", 1)[1], s, root / profile.results / s.split("@", 1)[1] / "train.log") for s in todo]
     view = View(tasks, already_done=len(stages) - len(todo), every=args.every)
     if pins and "CUDA_VISIBLE_DEVICES" in pins[0]:
-        preflight(params, args.profile, [Run.parse(t.run) for t in tasks], pins[0])
+        preflight(params, profile, [Run.parse(t.run) for t in tasks], pins[0])
     where = ("as one Slurm job array" if args.executor == "slurm" else
              f"{len(pins)} at a time: " + "; ".join(pins_text(env) for env in pins) + f"; because {why}")
-    view.say(f"{len(stages)} runs of profile {args.profile}: {len(stages) - len(todo)} up to date, "
+    view.say(f"{len(stages)} runs of `{profile.make}`: {len(stages) - len(todo)} up to date, "
              f"{len(todo)} to train" + (f" ({where})" if todo else ""))
     try:
         if args.executor == "slurm" and tasks:
@@ -103,10 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"grid: every run is done; the report (dvc repro {profile.report_stage})", flush=True)
     if dvc("repro", profile.report_stage, root=root).returncode != 0:
         sys.exit(f"error: the report stage {profile.report_stage} failed (above)")
-    print(f"grid: report in {profile.reports}/ (table6.md, fig1.png, fig6.png, fig7.png, verdicts.md)")
+    shown = [f for f in papers.get(profile.paper).OUTPUTS[profile.kind] if not f.endswith((".csv", ".json"))] + ["verdicts.md"]
+    print(f"grid: report in {profile.reports}/ ({', '.join(shown)})")
 
 
-def preflight(params: dict, profile: str, runs: list, pin: dict[str, str]) -> None:
+def preflight(params: dict, profile: pipeline.Profile, runs: list, pin: dict[str, str]) -> None:
     """Before GPU workers start: CUDA and one eager step of the deepest net to train, on the first
     slot (gpus.preflight), in seconds, rather than the same failure in every worker an hour later."""
     deepest = pipeline.config(params, max(runs, key=lambda r: r.depth), profile)

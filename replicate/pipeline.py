@@ -1,17 +1,20 @@
 """The DVC pipeline's glue: params.yaml, the runs of each profile, and the entry points of its stages.
 
     python -m replicate.pipeline fetch     # make repro, first step: the tarball, checked
-    python -m replicate.pipeline check     # stage `check`: every run of both profiles is valid
+    python -m replicate.pipeline check     # stage `check`: every run of every profile is valid
     python -m replicate.pipeline train --run resnet-56-0 --out results/resnet-56-0
     python -m replicate.pipeline train --profile quick --run plain-56-0 --out results/quick/plain-56-0
-    python -m replicate.pipeline report [--profile quick]   # stages `report`, `quick-report`
+    python -m replicate.pipeline train --paper 2016 --run preact-110-0 --out results/2016/preact-110-0
+    python -m replicate.pipeline report [--paper 2016] [--profile quick]   # stages `report`, `quick-report`, ...
     python -m replicate.pipeline report --results DIR --out DIR   # every run below DIR
     python -m replicate.pipeline import-data SOURCE   # re-pin the tarball (a mirror, a local copy)
 
-params.yaml is read once per command, here, and nothing else reads it: `train` holds the paper's
-protocol, `grid` the paper's runs (one `train@<arch>-<depth>-<seed>` stage each), `quick` the quick
-look's runs and the `train` keys it shortens, `data` the md5 the tarball must have. Running the
-stages side by side is replicate/grid.py's job.
+params.yaml is read once per command, here, and nothing else reads it: `train` holds the 2015
+paper's protocol, `grid` its runs (one `train@<arch>-<depth>-<seed>` stage each), `quick` its quick
+look's runs and the `train` keys it shortens, `data` the md5 the tarball must have. Another paper
+(replicate/papers/) has a section of its own (`he2016`) with the same three parts, its `train`
+holding only what it changes. A profile is a paper's grid or its quick look: each has its train
+and report stages in dvc.yaml. Running the stages side by side is replicate/grid.py's job.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ DVC_YAML = "dvc.yaml"
 DATA_PIN = "data.dvc"
 # What stage `check` writes. The train stages depend on it, so they run after the check; it never
 # changes, so widening the grid reruns the check but not the runs that already exist.
-CHECKED = "every run of both profiles in params.yaml is valid\n"
+CHECKED = "every run of every profile in params.yaml is valid\n"
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class Run:
 
     @classmethod
     def parse(cls, name: str) -> "Run":
-        match = re.fullmatch(r"([a-z]+)-(\d+)-(\d+)", str(name))
+        match = re.fullmatch(r"([a-z][a-z0-9]*)-(\d+)-(\d+)", str(name))
         if not match:
             raise ValueError(f"{name!r} is not a run name: write <arch>-<depth>-<seed>, e.g. resnet-110-0")
         return cls(match[1], int(match[2]), int(match[3]))
@@ -63,21 +66,59 @@ class Run:
 
 @dataclass(frozen=True)
 class Profile:
-    """Where a profile's runs live in dvc.yaml and on disk. The quick look's are kept apart from the
-    paper's so that a quick run can never reach Table 6."""
+    """A paper's grid (kind "paper") or its quick look (kind "quick"): where its runs live in
+    dvc.yaml and on disk, and where its params are. The quick look's runs are kept apart from the
+    paper's so that a quick run can never reach the paper's tables."""
 
-    name: str
+    paper: str           # papers.PAPERS key: "2015"
+    kind: str            # "paper" or "quick"
     stage: str           # the DVC foreach stage: `<stage>@<run>`
     report_stage: str
     results: str         # run folders: <results>/<run>/
     reports: str
     make: str            # the command that runs it, named in messages: run it again to resume
 
+    @property
+    def section(self) -> str:
+        """Its params.yaml prefix: '' (the default paper's top level) or 'he2016.'."""
+        section = _papers().get(self.paper).SECTION
+        return f"{section}." if section else ""
 
-PROFILES = {
-    "paper": Profile("paper", "train", "report", "results", "reports", "make repro"),
-    "quick": Profile("quick", "quick", "quick-report", "results/quick", "reports/quick", "make quick"),
-}
+    @property
+    def grid_key(self) -> str:
+        return f"{self.section}{'quick.' if self.kind == 'quick' else ''}grid"
+
+
+def _papers():
+    """replicate/papers, imported on use: it draws the reports, and what it tells a run (its paper's
+    params.yaml section, its nets) is in the run's config, so it is no dep of the train stages."""
+    from . import papers
+    return papers
+
+
+def _profile(paper: str, kind: str) -> Profile:
+    """The default paper keeps the plain names (train, report, results/); another carries its year."""
+    year = "" if paper == _papers().DEFAULT else paper
+    at, flag = (f"/{year}" if year else ""), (f" PAPER={year}" if year else "")
+    if kind == "paper":
+        return Profile(paper, kind, f"train{year}", f"report{year}", f"results{at}", f"reports{at}", f"make repro{flag}")
+    return Profile(paper, kind, f"quick{year}", f"quick{year}-report", f"results{at}/quick", f"reports{at}/quick",
+                   f"make quick{flag}")
+
+
+def profiles() -> list[Profile]:
+    """Every paper's grid and quick look: ("2015", "paper") is `make repro`, ("2016", "quick")
+    `make quick PAPER=2016`."""
+    return [_profile(paper, kind) for paper in _papers().PAPERS for kind in ("paper", "quick")]
+
+
+def profile_of(paper: str | None = None, kind: str = "paper") -> Profile:
+    """A paper's (default: the 2015 one) grid (kind "paper") or quick look ("quick")."""
+    paper = str(paper or _papers().DEFAULT)
+    _papers().get(paper)
+    if kind not in ("paper", "quick"):
+        raise ValueError(f"profile must be paper or quick, got {kind!r}")
+    return _profile(paper, kind)
 
 
 def load_yaml(path: str | Path):
@@ -100,18 +141,30 @@ def load_yaml(path: str | Path):
 
 
 def load_params(path: str | Path = PARAMS) -> dict:
-    """params.yaml as a dict; it must hold the `train` section, the `grid` list and `quick`."""
+    """params.yaml as a dict; it must hold the `train` section, the `grid` list and `quick`, and
+    each other paper's section with its own `grid` and `quick`."""
     params = load_yaml(path) or {}
     missing = [s for s, kind in (("train", dict), ("grid", list), ("quick", dict)) if not isinstance(params.get(s), kind)]
+    for paper in _papers().PAPERS.values():
+        section = params.get(paper.SECTION) if paper.SECTION else None
+        if paper.SECTION and not (isinstance(section, dict) and isinstance(section.get("quick"), dict)):
+            missing.append(f"{paper.SECTION} (with its grid and quick)")
     if missing:
         raise ValueError(f"{path} has no {' or '.join(missing)} section (see the README's params.yaml)")
     return params
 
 
-def runs(params: dict, profile: str = "paper") -> list[Run]:
+def _section(params: dict, profile: Profile) -> dict:
+    paper = _papers().get(profile.paper)
+    return params[paper.SECTION] if paper.SECTION else params
+
+
+def runs(params: dict, profile: Profile | str = "paper") -> list[Run]:
     """A profile's runs, in the order of params.yaml (DVC's foreach keeps it)."""
-    grid = params["grid"] if profile == "paper" else params["quick"].get("grid")
-    where = "grid" if profile == "paper" else "quick.grid"
+    profile = _as_profile(profile)
+    section = _section(params, profile)
+    grid = section.get("grid") if profile.kind == "paper" else section["quick"].get("grid")
+    where = profile.grid_key
     if not isinstance(grid, list) or not grid:
         raise ValueError(f"{where} must be a non-empty list of runs such as resnet-20-0, got {grid!r}")
     found = [Run.parse(name) for name in grid]
@@ -121,19 +174,45 @@ def runs(params: dict, profile: str = "paper") -> list[Run]:
     return found
 
 
-def train_params(params: dict, profile: str = "paper") -> dict:
-    """The protocol of a profile's runs: `train`, with the quick look's shortened keys over it."""
-    if profile == "paper":
-        return params["train"]
-    quick = params["quick"].get("train") or {}
-    unknown = sorted(set(quick) - set(params["train"]))
-    if unknown:
-        raise ValueError(f"quick.train sets {unknown}, which the train section does not have")
-    return {**params["train"], **quick}
+def _as_profile(profile: Profile | str) -> Profile:
+    """A Profile, or "paper"/"quick" of the default paper (the 2015 one)."""
+    return profile if isinstance(profile, Profile) else profile_of(None, profile)
 
 
-def config(params: dict, run: Run, profile: str = "paper") -> Config:
-    """The full training config of one run: its profile's protocol plus the run's arch, depth, seed."""
+def layers(params: dict, profile: Profile | str = "paper") -> list[tuple[str, dict]]:
+    """(params.yaml prefix, keys) of each part of a profile's protocol, each over the one before:
+    `train`, the paper's own changes (`he2016.train`), then its quick look's (`quick.train`)."""
+    profile = _as_profile(profile)
+    section, prefix = _section(params, profile), profile.section
+    found = [("train", params["train"])]
+    if prefix:
+        found.append((f"{prefix}train", section.get("train") or {}))
+    if profile.kind == "quick":
+        found.append((f"{prefix}quick.train", section["quick"].get("train") or {}))
+    return found
+
+
+def train_params(params: dict, profile: Profile | str = "paper") -> dict:
+    """The protocol of a profile's runs: `train`, with its paper's and its quick look's keys over it."""
+    merged = {}
+    for where, keys in layers(params, profile):
+        if not isinstance(keys, dict):
+            raise ValueError(f"{where} must be a mapping of training parameters, got {keys!r}")
+        unknown = sorted(set(keys) - set(params["train"]))
+        if unknown and where != "train":
+            raise ValueError(f"{where} sets {unknown}, which the train section does not have")
+        merged.update(keys)
+    return merged
+
+
+def config(params: dict, run: Run, profile: Profile | str = "paper") -> Config:
+    """The full training config of one run: its profile's protocol plus the run's arch, depth, seed.
+    The run must be a net of its profile's paper."""
+    paper = _papers().get(_as_profile(profile).paper)
+    if run.arch not in paper.NETS:
+        known = ", ".join(paper.NETS) if len(paper.NETS) < 5 else "those of docs/sequel.md"
+        raise ValueError(f"{run.arch} is not a net of {paper.TITLE}{did_you_mean(run.arch, paper.NETS)} "
+                         f"(its nets: {known})")
     protocol = train_params(params, profile)
     clash = sorted({"arch", "depth", "seed"} & set(protocol))
     if clash:
@@ -149,7 +228,7 @@ def check(params: dict, notebook: str | Path | None = NOTEBOOK, dvc_yaml: str | 
     will pass (a renamed parameter would otherwise be ignored). With `dvc_yaml`, that each report
     stage depends on exactly its profile's runs, and each stage declares exactly the params it
     reads (DVC cannot derive either from params.yaml, so dvc.yaml spells them out). Returns the
-    paper's runs.
+    default paper's runs.
     """
     problems = [f"  {where} {e}" for where, e in section_errors(params)]
     if not problems:  # an unknown key or a wrong type is named once, not once per run
@@ -169,15 +248,15 @@ def check(params: dict, notebook: str | Path | None = NOTEBOOK, dvc_yaml: str | 
 
 
 def run_problems(params: dict) -> list[str]:
-    """One line per problem of the runs of either profile that are not a valid Config, naming the
+    """One line per problem of the runs of any profile that are not a valid Config, naming the
     runs it concerns (`lr_ramp: 800` of 720 iterations: one line, not one per quick run)."""
     problems = []
-    for name, profile in PROFILES.items():
+    for profile in profiles():
         try:
             found: dict[str, list[str]] = {}
-            for run in runs(params, name):
+            for run in runs(params, profile):
                 try:
-                    config(params, run, name)
+                    config(params, run, profile)
                 except (ValueError, TypeError) as e:
                     found.setdefault(str(e), []).append(f"{profile.stage}@{run.name}")
             problems += [f"  {', '.join(stages)}: {e}" for e, stages in found.items()]
@@ -189,42 +268,41 @@ def run_problems(params: dict) -> list[str]:
 def section_errors(params: dict) -> list[tuple[str, str]]:
     """(params.yaml key, problem) for every unknown protocol key and every value of the wrong type,
     each named once, with the closest known key rather than the whole list."""
-    quick = params["quick"].get("train") or {}
     fields = {f.name for f in dataclasses.fields(Config)} - {"arch", "depth", "seed"}
+    sections = dict(kv for profile in profiles() for kv in layers(params, profile))  # each part once
     found = []
-    for section, values in (("train", params["train"]), ("quick.train", quick)):
+    for section, values in sections.items():
+        if not isinstance(values, dict):
+            found.append((section, f"must be a mapping of training parameters, got {values!r}"))
+            continue
         for key in values:
             if key in ("arch", "depth", "seed"):
                 found.append((f"{section}.{key}", "belongs in the run names of the grid (<arch>-<depth>-<seed>)"))
             elif key not in fields:
                 hint = did_you_mean(key, sorted(fields))
                 found.append((f"{section}.{key}", f"is not a training parameter (replicate.train.Config){hint}"))
-            elif section == "quick.train" and key not in params["train"]:
-                found.append((f"quick.train.{key}", "replaces a key that train does not have: add it to train too"))
-    found += [(f"train.{k}", p) for k, p in type_errors(params["train"])]
-    return found + [(f"quick.train.{k}", p) for k, p in type_errors(quick)]
+            elif section != "train" and key not in params["train"]:
+                found.append((f"{section}.{key}", "replaces a key that train does not have: add it to train too"))
+        found += [(f"{section}.{k}", p) for k, p in type_errors(values)]
+    return found
 
 
 def stage_params(params: dict, stage: str) -> list[str]:
     """The params.yaml keys a DVC stage reads that can change its outputs. dvc.yaml declares exactly
     these, so a change reruns the stages it affects and no other: `checkpoint_every` (NO_EFFECT)
-    reruns nothing, since resume is exact."""
-    quick = params["quick"].get("train") or {}
+    reruns nothing, since resume is exact. A protocol key is declared where its value comes from:
+    the last of the profile's `layers` that sets it."""
+    def source(profile: Profile, key: str) -> str:
+        return [f"{where}.{key}" for where, keys in layers(params, profile) if key in keys][-1]
 
-    def keys(section: str, names) -> list[str]:
-        return [f"{section}.{k}" for k in names if k not in NO_EFFECT]
-    if stage == "train":
-        return keys("train", params["train"])
-    if stage == "quick":
-        return keys("train", [k for k in params["train"] if k not in quick]) + keys("quick.train", quick)
     if stage == "check":
-        return ["grid", "quick.grid"]
-    if stage == "report":
-        return ["grid", "data.name", "data.md5"]
-    if stage == "quick-report":  # the runs, and what the caption says of them
-        shown = ("iterations", "milestones", "lr", "lr_ramp", "eval_subset")
-        return (["quick.grid", "data.name", "data.md5"]
-                + [f"quick.train.{k}" if k in quick else f"train.{k}" for k in shown])
+        return [p.grid_key for p in profiles()]
+    for profile in profiles():
+        if stage == profile.stage:
+            return [source(profile, k) for k in train_params(params, profile) if k not in NO_EFFECT]
+        if stage == profile.report_stage:  # the runs, and what the caption says of them
+            shown = ("iterations", "milestones", "lr", "lr_ramp", "eval_subset") if profile.kind == "quick" else ()
+            return [profile.grid_key, "data.name", "data.md5"] + [source(profile, k) for k in shown]
     raise ValueError(f"no stage {stage!r} in dvc.yaml")
 
 
@@ -237,20 +315,24 @@ def check_dvc_yaml(params: dict, dvc_yaml: str | Path) -> None:
         if sorted(have) != sorted(want):
             lines = [f"  add    - {d}" for d in want if d not in have] + [f"  remove - {d}" for d in have if d not in want]
             raise ValueError(f"{dvc_yaml}: stage {stage} must {what}. Edit its lines:\n" + "\n".join(lines))
-    for name, profile in PROFILES.items():
-        want = [f"{profile.results}/{run.name}/metrics.json" for run in runs(params, name)]
+    missing = [s for p in profiles() for s in (p.stage, p.report_stage) if s not in stages]
+    if missing:
+        raise ValueError(f"{dvc_yaml} has no stage {', '.join(missing)}: every profile needs its train and report "
+                         "stages (copy another paper's and change its names)")
+    for profile in profiles():
+        want = [f"{profile.results}/{run.name}/metrics.json" for run in runs(params, profile)]
         have = [d for d in stages[profile.report_stage].get("deps", []) if d.endswith("/metrics.json")]
         differ("depend on every run of its profile, and on nothing else", profile.report_stage, have, want)
-    for stage in ("check", "train", "quick", "report", "quick-report"):
+    for stage in ["check"] + [s for p in profiles() for s in (p.stage, p.report_stage)]:
         spec = stages[stage].get("do", stages[stage])
         differ("declare exactly the params it reads (pipeline.stage_params)", stage,
                spec.get("params", []), stage_params(params, stage))
-    for stage in ("train", "quick"):  # a checkpoint made by other code is not resumed: DVC must rerun it too
+    for stage in (p.stage for p in profiles()):  # a checkpoint made by other code is not resumed
         code = [d for d in stages[stage]["do"].get("deps", []) if d.startswith(("replicate/", "notebooks/"))]
         differ("depend on exactly the training code (replicate.TRAINING_CODE)", stage, code, list(TRAINING_CODE))
 
 
-def notebook_parameters(params: dict, run: Run, data_root: str, out_dir: str, profile: str = "paper") -> dict:
+def notebook_parameters(params: dict, run: Run, data_root: str, out_dir: str, profile: Profile | str = "paper") -> dict:
     """What papermill injects into notebooks/train.ipynb for one run: the run, its paths, and its
     profile's protocol as one dict (the notebook restates no field of Config)."""
     return {**dataclasses.asdict(run), "data_root": data_root, "out_dir": out_dir,
@@ -284,7 +366,7 @@ def execute_notebook(notebook: str | Path, out: str | Path, parameters: dict, *,
 
 
 def train_stage(run: Run, out: str | Path, params_path: str | Path = PARAMS, notebook: str | Path = NOTEBOOK,
-                data_root: str | Path = "data", profile: str = "paper") -> Path:
+                data_root: str | Path = "data", profile: Profile | str = "paper") -> Path:
     """Stage `train@<run>` (or `quick@<run>`): execute the notebook with papermill into `out/train.ipynb`.
 
     The kernel runs in `out`, and the paths it gets are relative to `out`, so the executed
@@ -300,11 +382,12 @@ def train_stage(run: Run, out: str | Path, params_path: str | Path = PARAMS, not
     return execute_notebook(notebook, out / "train.ipynb", parameters, cwd=out, stream=True)
 
 
-def report_stage(params_path: str | Path = PARAMS, profile: str = "paper", notebook: str | Path = REPORT_NOTEBOOK,
-                 results: str | Path | None = None, out: str | Path | None = None) -> Path:
-    """Stage `report` (or `quick-report`): the report notebook on exactly the profile's runs. With
-    `results` (and `out`), on every run below that folder instead."""
-    p = PROFILES[profile]
+def report_stage(params_path: str | Path = PARAMS, profile: Profile | str = "paper",
+                 notebook: str | Path = REPORT_NOTEBOOK, results: str | Path | None = None,
+                 out: str | Path | None = None) -> Path:
+    """Stage `report` (or `quick-report`, `report2016`, ...): the report notebook on exactly the
+    profile's runs. With `results` (and `out`), on every run below that folder instead."""
+    p = profile = _as_profile(profile)
     if results is not None:
         names, caption_text = None, ""
         out = Path(out or p.reports)
@@ -313,23 +396,26 @@ def report_stage(params_path: str | Path = PARAMS, profile: str = "paper", noteb
         names, results, out = [r.name for r in runs(params, profile)], p.results, Path(p.reports)
         caption_text = caption(params, profile)
     parameters = {"results_dir": str(results), "runs": names, "out_dir": str(out), "caption": caption_text,
-                  "profile": profile}
+                  "profile": p.kind, "paper": p.paper}
     return execute_notebook(notebook, out / "report.ipynb", parameters)
 
 
-def caption(params: dict, profile: str = "paper") -> str:
+def caption(params: dict, profile: Profile | str = "paper") -> str:
     """What a report shows, in its own words: the data (params.yaml's data.name and md5), and for
     the quick look that it is not the paper's protocol."""
+    profile = _as_profile(profile)
     md5 = params["data"].get("md5")
     data = f"Data: {params['data'].get('name') or 'CIFAR-10'}{f' (md5 {md5})' if md5 else ''}."
-    if profile != "quick":
+    if profile.kind != "quick":
         return data
     cfg = config(params, runs(params, profile)[0], profile)
     subset = (f"intermediate test errors on the first {cfg.eval_subset:,} test images, the final one on all"
               if cfg.eval_subset else "test errors on the whole test set")
     ramp = f", reached by a linear ramp over the first {cfg.lr_ramp:,} iterations" if cfg.lr_ramp else ""
+    note = _papers().get(profile.paper).QUICK_NOTE
     return (f"Quick look, not the paper's protocol: {cfg.iterations:,} iterations (the paper: 64,000), "
-            f"lr {cfg.lr:g}{ramp}, divided by 10 at {', '.join(f'{m:,}' for m in cfg.milestones)}; {subset}. {data}")
+            f"lr {cfg.lr:g}{ramp}, divided by 10 at {', '.join(f'{m:,}' for m in cfg.milestones)}; {subset}. "
+            f"{note + ' ' if note else ''}{data}")
 
 
 def fetch(md5: str, dvc_file: str | Path = DATA_PIN) -> Path:
@@ -423,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("fetch", help="the tarball of data.dvc: in place, checked, cached").add_argument(
         "--dvc-file", default=DATA_PIN)
-    pc = sub.add_parser("check", help="validate every run of both profiles; list the paper's stage names")
+    pc = sub.add_parser("check", help="validate every run of every profile; list the default paper's stage names")
     pc.add_argument("--notebook", default=NOTEBOOK)
     pc.add_argument("--dvc-yaml", default=DVC_YAML)
     pc.add_argument("--stamp", help=f"then write {CHECKED.strip()!r} to this file")
@@ -439,7 +525,9 @@ def main(argv: list[str] | None = None) -> None:
     pr.add_argument("--out", help="with --results: the report's folder (default: the profile's)")
     pr.add_argument("--notebook", default=REPORT_NOTEBOOK)
     for q in (pt, pr):
-        q.add_argument("--profile", choices=sorted(PROFILES), default="paper")
+        q.add_argument("--paper", choices=sorted(_papers().PAPERS), default=_papers().DEFAULT)
+        q.add_argument("--profile", choices=("paper", "quick"), default="paper",
+                       help="the paper's grid, or its quick look")
     args = p.parse_args(argv)
     try:
         if args.cmd == "fetch":
@@ -456,10 +544,11 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cmd == "import-data":
             print(f"pinned {import_data(args.source)}: check that data.md5 in {args.params} is its md5")
         elif args.cmd == "report":
-            print(f"executed {report_stage(args.params, args.profile, args.notebook, args.results, args.out)}")
+            profile = profile_of(args.paper, args.profile)
+            print(f"executed {report_stage(args.params, profile, args.notebook, args.results, args.out)}")
         else:
-            run = Run.parse(args.run)
-            print(f"executed {train_stage(run, args.out, args.params, args.notebook, args.data, args.profile)}")
+            run, profile = Run.parse(args.run), profile_of(args.paper, args.profile)
+            print(f"executed {train_stage(run, args.out, args.params, args.notebook, args.data, profile)}")
     except (FileNotFoundError, ValueError, NotebookFailed) as e:
         sys.exit(f"error: {e}")
 

@@ -37,14 +37,19 @@ class Arch:
 
     unit: str                    # a key of KERNELS
     order: str = "original"      # one of ORDERS
-    variant: str | None = None   # Table 1's: the arch name itself
+    variant: str | None = None   # Table 1's: scaling, exclusivegating, shortcutgating, convshortcut, dropoutshortcut
     options: dict = field(default_factory=dict)
 
 
 _BOTTLENECK = {"stride_in": "conv1"}  # the official code's: the stride on the first 1x1 conv
 _TABLE1 = {"at_shape_change": True}   # the variant also on the two units that change the shape
 
-# The defaults of Table 1's variants are the runs of its Fig. 3 (TABLE1 below has every row).
+def _variant(name: str, **options) -> Arch:
+    return Arch("basic", variant=name, options={**options, **_TABLE1})
+
+
+# Every run of the sequel is an arch name, so Table 1's rows are archs of their own, named by their
+# values (neg6: b_g = -6; 05x05: 0.5 on the shortcut, 0.5 on F); `build` still takes each option.
 ARCHS: dict[str, Arch] = {
     # Table 2 and 3 on basic units (ResNet-110; "resnet", the original unit, is the 2015 net)
     "preact": Arch("basic", "preact"),
@@ -60,31 +65,32 @@ ARCHS: dict[str, Arch] = {
     # Table 3's "ResNet-110, 1-layer skip": one 3x3 conv per unit
     "onelayer": Arch("onelayer"),
     "preactonelayer": Arch("onelayer", "preact"),
-    # Table 1: shortcut variants of the original basic unit (ResNet-110)
-    "scaling": Arch("basic", variant="scaling", options={"shortcut_scale": 0.5, "branch_scale": 0.5, **_TABLE1}),
-    "exclusivegating": Arch("basic", variant="exclusivegating",
-                            options={"gate_bias": -6.0, "gate_per_channel": True, **_TABLE1}),
-    "shortcutgating": Arch("basic", variant="shortcutgating",
-                           options={"gate_bias": 0.0, "gate_per_channel": True, **_TABLE1}),
-    "convshortcut": Arch("basic", variant="convshortcut", options=dict(_TABLE1)),
-    "dropoutshortcut": Arch("basic", variant="dropoutshortcut",
-                            options={"dropout": 0.5, "dropout_rescale": False, **_TABLE1}),
+    # Table 1: shortcut variants of the original basic unit (ResNet-110), a row each
+    "scaling0x1": _variant("scaling", shortcut_scale=0.0, branch_scale=1.0),  # a plain net
+    "scaling05x1": _variant("scaling", shortcut_scale=0.5, branch_scale=1.0),
+    "scaling05x05": _variant("scaling", shortcut_scale=0.5, branch_scale=0.5),  # frozen gating; Fig. 3
+    **{f"exclusivegating{'neg' if b else ''}{b}": _variant("exclusivegating", gate_bias=-float(b), gate_per_channel=True)
+       for b in (0, 5, 6, 7)},  # the row "0 to -5": its ends; -6 in Fig. 3
+    **{f"shortcutgating{'neg' if b else ''}{b}": _variant("shortcutgating", gate_bias=-float(b), gate_per_channel=True)
+       for b in (0, 6)},  # 0 in Fig. 3
+    "convshortcut": _variant("convshortcut"),
+    "dropoutshortcut": _variant("dropoutshortcut", dropout=0.5, dropout_rescale=False),
 }
 
-# Table 1 (ResNet-110, CIFAR-10), row -> (arch, options): `table1(row)` or `build(arch, 110, **options)`.
-TABLE1: dict[str, tuple[str, dict]] = {
-    "original": ("resnet", {}),
-    "constant scaling 0, 1": ("scaling", {"shortcut_scale": 0.0, "branch_scale": 1.0}),  # a plain net
-    "constant scaling 0.5, 1": ("scaling", {"shortcut_scale": 0.5, "branch_scale": 1.0}),
-    "constant scaling 0.5, 0.5": ("scaling", {"shortcut_scale": 0.5, "branch_scale": 0.5}),  # frozen gating
-    "exclusive gating b_g=0": ("exclusivegating", {"gate_bias": 0.0}),   # the row "0 to -5": its ends
-    "exclusive gating b_g=-5": ("exclusivegating", {"gate_bias": -5.0}),
-    "exclusive gating b_g=-6": ("exclusivegating", {"gate_bias": -6.0}),
-    "exclusive gating b_g=-7": ("exclusivegating", {"gate_bias": -7.0}),
-    "shortcut-only gating b_g=0": ("shortcutgating", {"gate_bias": 0.0}),
-    "shortcut-only gating b_g=-6": ("shortcutgating", {"gate_bias": -6.0}),
-    "1x1 conv shortcut": ("convshortcut", {}),
-    "dropout shortcut": ("dropoutshortcut", {"dropout": 0.5}),
+# Table 1 (ResNet-110, CIFAR-10), row -> arch: `table1(row)` or `build(arch, 110)`.
+TABLE1: dict[str, str] = {
+    "original": "resnet",
+    "constant scaling 0, 1": "scaling0x1",
+    "constant scaling 0.5, 1": "scaling05x1",
+    "constant scaling 0.5, 0.5": "scaling05x05",
+    "exclusive gating b_g=0": "exclusivegating0",
+    "exclusive gating b_g=-5": "exclusivegatingneg5",
+    "exclusive gating b_g=-6": "exclusivegatingneg6",
+    "exclusive gating b_g=-7": "exclusivegatingneg7",
+    "shortcut-only gating b_g=0": "shortcutgating0",
+    "shortcut-only gating b_g=-6": "shortcutgatingneg6",
+    "1x1 conv shortcut": "convshortcut",
+    "dropout shortcut": "dropoutshortcut",
 }
 
 # Table 2, row -> (arch of its ResNet-110, arch of its ResNet-164).
@@ -355,5 +361,4 @@ def table1(row: str, depth: int = 110, **kwargs) -> nn.Module:
     """A row of Table 1 as a net, e.g. table1("exclusive gating b_g=-6")."""
     if row not in TABLE1:
         raise KeyError(f"Table 1 has no row {row!r}; its rows: {', '.join(TABLE1)}")
-    arch, options = TABLE1[row]
-    return build(arch, depth, **options, **kwargs)
+    return build(TABLE1[row], depth, **kwargs)

@@ -1,8 +1,8 @@
-"""The paper's training protocol, counted in iterations (He et al. 2015, section 4.2).
+"""The papers' training protocol, counted in iterations (He et al. 2015, section 4.2).
 
 SGD (momentum 0.9, weight decay 1e-4, batch 128), lr 0.1 divided by 10 at 32k and 48k, stop at
 64k; for depth >= 110 a warm-up at lr 0.01 until the training error is below 80%, then back to
-0.1. Checkpoints are atomic (replicate/checkpoint.py); a non-finite loss ends the run as
+0.1 (the sequel, He et al. 2016: for every net, over exactly its first 400 iterations). Checkpoints are atomic (replicate/checkpoint.py); a non-finite loss ends the run as
 'diverged'. `lr_ramp` (not the paper's, off in its protocol) is the quick look's short lr ramp.
 """
 
@@ -44,7 +44,7 @@ class Config:
 
     arch: str = "resnet"
     depth: int = 20
-    shortcut: str = "A"
+    shortcut: str | None = "A"     # None: each net's own (the sequel's bottlenecks: 1x1 projections)
     seed: int = 0
     iterations: int = 64_000
     milestones: list[int] = field(default_factory=lambda: [32_000, 48_000])
@@ -57,6 +57,7 @@ class Config:
     warmup: bool | None = None     # None: the paper's rule, on for depth >= 110
     warmup_lr: float = 0.01
     warmup_until: float = 80.0     # warm-up ends once the training error (%) is below this
+    warmup_iterations: int = 0     # >0: instead, it ends after exactly this many iterations (the sequel: 400)
     val_size: int = 0              # 5000 gives the paper's 45k/5k split
     log_every: int = 100           # history row, progress, warm-up and divergence checks
     eval_every: int = 1_000        # a test error point (a multiple of log_every)
@@ -78,12 +79,16 @@ class Config:
         for name in ("iterations", "batch_size", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name, zero in (("lr_ramp", "no ramp, the paper's"), ("eval_subset", "the whole test set")):
+        for name, zero in (("lr_ramp", "no ramp, the paper's"), ("eval_subset", "the whole test set"),
+                           ("warmup_iterations", "until the training error is below warmup_until")):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 ({zero}) or a positive count, got {getattr(self, name)!r}")
         if self.lr_ramp >= self.iterations:
             raise ValueError(f"lr_ramp must be less than iterations, got lr_ramp {self.lr_ramp} and iterations "
                              f"{self.iterations}: shorten the ramp (0: none, the paper's) or lengthen the run")
+        if self.warmup_iterations >= self.iterations:
+            raise ValueError(f"warmup_iterations must be less than iterations, got {self.warmup_iterations} and "
+                             f"{self.iterations}: shorten the warm-up (0: the 2015 rule) or lengthen the run")
         if self.milestones != sorted(self.milestones) or any(m < 1 for m in self.milestones):
             raise ValueError(f"milestones must be increasing positive iterations, got {self.milestones}")
         if self.lr <= 0 or self.warmup_lr <= 0:
@@ -149,15 +154,19 @@ def _describe(hint) -> str:
 class PaperSchedule:
     """lr multiplier at an iteration: x0.1 per milestone passed, and warmup_lr/lr while warming up.
     With `ramp` > 0 (the quick look only), also (iteration + 1) / ramp over the first `ramp` iterations.
+    With `warmup_iterations` > 0 (the sequel's), the warm-up ends at that iteration, whatever the error.
 
     A callable object (not a lambda) so LambdaLR saves its state, the warm-up flag included.
     """
 
-    def __init__(self, milestones: list[int], warmup_factor: float, warming: bool, ramp: int = 0):
+    def __init__(self, milestones: list[int], warmup_factor: float, warming: bool, ramp: int = 0,
+                 warmup_iterations: int = 0):
         self.milestones, self.warmup_factor, self.warming = list(milestones), warmup_factor, warming
-        self.ramp = ramp
+        self.ramp, self.warmup_iterations = ramp, warmup_iterations
 
     def __call__(self, iteration: int) -> float:
+        if self.warmup_iterations and iteration >= self.warmup_iterations:
+            self.warming = False
         factor = 0.1 ** bisect.bisect_right(self.milestones, iteration)
         if self.ramp:
             factor *= min(1.0, (iteration + 1) / self.ramp)
@@ -246,7 +255,8 @@ def make_engine(cfg: Config, dataset: cifar.Cifar10) -> Engine:
     model = build(cfg.arch, cfg.depth, shortcut=cfg.shortcut, bn_batch_size=cfg.bn_batch_size).to(
         device, memory_format=memory_format)
     optimizer = make_optimizer(model, cfg, device)
-    schedule = PaperSchedule(cfg.milestones, cfg.warmup_lr / cfg.lr, warming=cfg.warmup, ramp=cfg.lr_ramp)
+    schedule = PaperSchedule(cfg.milestones, cfg.warmup_lr / cfg.lr, warming=cfg.warmup, ramp=cfg.lr_ramp,
+                             warmup_iterations=cfg.warmup_iterations)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step_model = model
     if compile_pays(cfg.compile, device, cfg.iterations):  # the whole run decides: resume stays exact
@@ -415,9 +425,10 @@ def log_interval(engine: Engine, cfg: Config, tests: EvalSets, state: dict, inte
         state["diverged_at"] = it - n + int(bad[0]) + 1
     row = {"iteration": it, "lr": lr, "train_loss": losses.double().mean().item(),
            "train_error": 100.0 * wrong.sum().item() / (n * cfg.batch_size), "test_error": float("nan")}
-    if engine.schedule.warming and row["train_error"] < cfg.warmup_until:
+    if cfg.warmup and state["warmup_ended_at"] is None and (
+            it >= cfg.warmup_iterations if cfg.warmup_iterations else row["train_error"] < cfg.warmup_until):
         engine.schedule.warming = False  # the paper: back to lr 0.1 and the normal schedule
-        state["warmup_ended_at"] = it
+        state["warmup_ended_at"] = cfg.warmup_iterations or it
     if (it % cfg.eval_every == 0 or done) and state["diverged_at"] is None:
         row.update(tests.errors(done, state))
     state["history"].append(row)
@@ -432,7 +443,7 @@ def final_result(engine: Engine, cfg: Config, state: dict, made: dict) -> Result
     diverged = state["diverged_at"] is not None
     ds, model = engine.split, engine.model
     metrics = {
-        "arch": cfg.arch, "depth": cfg.depth, "shortcut": cfg.shortcut, "seed": cfg.seed,
+        "arch": cfg.arch, "depth": cfg.depth, "shortcut": getattr(model, "shortcut", cfg.shortcut), "seed": cfg.seed,
         "params": sum(p.numel() for p in model.parameters()),
         "iterations": state["iteration"],
         "train_error": None if diverged else last.get("train_error"),

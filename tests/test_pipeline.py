@@ -154,7 +154,7 @@ def test_check_names_every_bad_run_before_training(params):
     for name in ("train@resnat-20-0", "train@resnat-21-0", "train@plain-21-0", "quick@plain-57-0"):
         assert name in msg
     assert "train@plain-20-0" not in msg
-    assert "arch must be" in msg and "depth must be 6n+2" in msg
+    assert "resnat is not a net of He et al. 2015" in msg and "did you mean 'resnet'" in msg and "depth must be 6n+2" in msg
 
 
 @pytest.mark.parametrize("grid, error", [
@@ -247,7 +247,8 @@ def test_a_failing_notebook_is_one_error_line_naming_the_executed_notebook(tmp_p
 
 def test_each_profile_names_its_own_command():
     """Ctrl-C of `make quick` said "`make repro` again resumes them" (replicate/local.py)."""
-    assert pipeline.PROFILES["quick"].make == "make quick" and pipeline.PROFILES["paper"].make == "make repro"
+    assert pipeline.profile_of("2015", "quick").make == "make quick" and pipeline.profile_of().make == "make repro"
+    assert pipeline.profile_of("2016", "quick").make == "make quick PAPER=2016"
 
 
 def test_check_command_writes_a_constant_stamp(tmp_path):
@@ -398,7 +399,8 @@ def test_fetch_says_to_pin_a_copy_by_hand_that_data_dvc_does_not_pin(offline_rep
 def test_fetch_command_reads_the_md5_from_params(offline_repo, tmp_path_factory, small_dataset):
     tarball = make_tarball(tmp_path_factory.mktemp("other") / cifar.TARBALL, small_dataset)
     shutil.copy(tarball, offline_repo / "data" / cifar.TARBALL)
-    (offline_repo / "params.yaml").write_text(yaml.safe_dump({"data": {"md5": "0" * 32}, "train": {}, "grid": [], "quick": {}}))
+    (offline_repo / "params.yaml").write_text(yaml.safe_dump({"data": {"md5": "0" * 32}, "train": {}, "grid": [], "quick": {},
+                                                              "he2016": {"quick": {}}}))
     with pytest.raises(SystemExit, match=r"expected 0{32} \(data.md5 in params.yaml\)"):
         pipeline.main(["--params", str(offline_repo / "params.yaml"), "fetch",
                        "--dvc-file", str(offline_repo / "data.dvc")])

@@ -93,9 +93,11 @@ def test_table1_rows_are_nets_with_their_counts():
 
 # --- names, depths, options ----------------------------------------------------------------------
 
-def test_arch_names_are_lowercase_letters_as_run_names_need():
+def test_arch_names_are_run_names_arch_part():
+    from replicate.pipeline import Run
+
     for arch in preact.ARCHS:
-        assert arch.isalpha() and arch.islower()
+        assert Run.parse(f"{arch}-110-3") == Run(arch, 110, 3)
     assert not set(preact.ARCHS) & {"plain", "resnet"}
 
 
@@ -254,8 +256,8 @@ def twins(arch: str, **options):
 
 
 @pytest.mark.parametrize("arch, options, scale", [
-    ("scaling", dict(shortcut_scale=1.0, branch_scale=1.0), 1.0),       # the original unit
-    ("shortcutgating", dict(gate_bias=-1e4), 1.0),                      # g = 0: the original unit
+    ("scaling05x05", dict(shortcut_scale=1.0, branch_scale=1.0), 1.0),       # the original unit
+    ("shortcutgating0", dict(gate_bias=-1e4), 1.0),                      # g = 0: the original unit
     ("dropoutshortcut", dict(dropout=0.0), 1.0),
     ("dropoutshortcut", dict(dropout=0.5), 0.5),                        # evaluation: scaled by 1 - p
 ])
@@ -273,12 +275,12 @@ def test_variants_reduce_to_the_original_unit(arch, options, scale):
 
 
 def test_gates_are_1x1_convs_of_the_unit_input_biased_to_b_g():
-    model = build("exclusivegating", 20, gate_bias=-6.0)
+    model = build("exclusivegatingneg6", 20)
     gate = model.layer2[0].gate
     assert (gate.in_channels, gate.out_channels, gate.kernel_size, gate.stride) == (16, 32, (1, 1), (2, 2))
     assert (gate.bias == -6.0).all()
-    assert build("exclusivegating", 20, gate_per_channel=False).layer2[1].gate.out_channels == 1
-    assert build("shortcutgating", 20).layer1[0].gate.bias.eq(0).all()  # Fig. 3's b_g = 0
+    assert build("exclusivegatingneg6", 20, gate_per_channel=False).layer2[1].gate.out_channels == 1
+    assert build("shortcutgating0", 20).layer1[0].gate.bias.eq(0).all()  # Fig. 3's b_g = 0
     unit = randomised(model).layer1[1]
     x = torch.randn(2, 16, 32, 32)
     with torch.no_grad():
@@ -291,7 +293,7 @@ def test_variants_at_shape_change_or_not():
     every, others = build("convshortcut", 20), build("convshortcut", 20, at_shape_change=False)
     assert isinstance(every.layer2[0].shortcut[0], nn.Conv2d) and isinstance(every.layer2[1].shortcut[0], nn.Conv2d)
     assert isinstance(others.layer2[0].shortcut, PadShortcut) and isinstance(others.layer2[1].shortcut[0], nn.Conv2d)
-    assert type(build("exclusivegating", 20, at_shape_change=False).layer3[0]) is preact.ResidualUnit
+    assert type(build("exclusivegating0", 20, at_shape_change=False).layer3[0]) is preact.ResidualUnit
 
 
 def test_dropout_shortcut_keeps_or_drops_unscaled_in_training():

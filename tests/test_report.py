@@ -32,6 +32,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from replicate import pipeline, report  # noqa: E402
+from replicate.papers import he2015  # noqa: E402
 from replicate.outputs import METRIC_KEYS  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -39,7 +40,7 @@ RUNS = FIXTURES / "runs"
 EXPECTED_NOTEBOOK = FIXTURES / "report.ipynb"
 NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "report.ipynb"
 # He et al. 2015, Table 6 (ResNets, CIFAR-10 test error %), copied from the paper independently of
-# report.PAPER_TABLE6, so that a wrong constant there fails here.
+# he2015.PAPER_TABLE6, so that a wrong constant there fails here.
 THE_PAPERS_TABLE6 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
 FILES = ["table6.csv", "table6.md", "table6.json", "fig6.png", "fig1.png", "fig7.png", "verdicts.md"]
 PAPER_GRID = [f"{n}-{d}" for n in ("plain", "ResNet") for d in (20, 32, 44, 56, 110)]
@@ -86,7 +87,7 @@ def runs() -> report.Runs:
 
 @pytest.fixture(scope="module")
 def table(runs) -> pd.DataFrame:
-    return report.table6(runs)
+    return he2015.table6(runs)
 
 
 def test_runs_are_read_by_content_not_folder_name(tmp_path):
@@ -113,7 +114,7 @@ def test_table_numbers_are_the_fixture_metrics(table, tmp_path):
         if arch == "resnet":
             assert r.paper == THE_PAPERS_TABLE6[depth]
             assert r["diff"] == errors.min() - r.paper if len(errors) else pd.isna(r["diff"])
-    report.write_table(table, tmp_path)
+    he2015.write_table(table, tmp_path)
     csv = pd.read_csv(tmp_path / "table6.csv")
     for col in ["params", "runs", "diverged", "test_error", "mean", "std", "paper", "diff"]:
         pd.testing.assert_series_equal(csv[col], table[col], check_dtype=False)
@@ -138,7 +139,7 @@ def test_table_lists_the_whole_grid_with_missing_and_diverged(table):
     # The paper's and the replications' numbers sit only in their own columns.
     assert row(table, "ResNet-110").paper_text == "6.43 (6.61±0.16)"
     assert table[table.arch == "plain"].paper.isna().all()
-    theirs = list(report.THEIRS_PLAIN)
+    theirs = list(he2015.THEIRS_PLAIN)
     assert row(table, "plain-56")[theirs].tolist() == [12.76, 11.86]
     assert table[table.arch == "resnet"][theirs].isna().all().all()
 
@@ -159,10 +160,10 @@ def test_parameters_exact_and_in_millions(table):
 ])
 def test_partial_grids(tmp_path, names, net, expected):
     runs = report.collect(results(tmp_path, names))
-    table = report.table6(runs)
+    table = he2015.table6(runs)
     assert list(table.net) == PAPER_GRID  # never shorter
     ours = row(table, net).ours
-    figs = {"fig6": report.fig6(runs), "fig1": report.fig1(runs), "fig7": report.fig7(runs)}
+    figs = {"fig6": he2015.fig6(runs), "fig1": he2015.fig1(runs), "fig7": he2015.fig7(runs)}
     assert {k: len(f.axes) for k, f in figs.items()} == {"fig6": 3, "fig1": 2, "fig7": 2}
     panel = figs["fig6"].axes[0 if net.startswith("plain") else 1]
     labels = list(legend(panel))
@@ -172,27 +173,27 @@ def test_partial_grids(tmp_path, names, net, expected):
     assert name in labels
     assert {"missing": ours == "missing", "diverged": ours == "diverged",
             "single": re.fullmatch(r"\d+\.\d\d", ours), "several": "±" in ours}[expected]
-    verdicts = report.verdicts(runs)
+    verdicts = he2015.verdicts(runs)
     assert len(verdicts) == 7 and all(re.search(r": (yes|no|unknown) \(", v) for v in verdicts)
 
 
 def test_resnet_1202_gets_a_row_and_the_third_panel(tmp_path):
     root = results(tmp_path, ["resnet-110-0"])
-    fig = report.fig6(report.collect(root))
+    fig = he2015.fig6(report.collect(root))
     assert "ResNet-1202 (missing)" in legend(fig.axes[2])
     assert "no ResNet-1202 run" in [t.get_text() for t in fig.axes[2].texts]
     fake_run(root, "resnet-110-0", "resnet-1202-0", depth=1202, params=19_421_274)
     runs = report.collect(root)
-    table = report.table6(runs)
+    table = he2015.table6(runs)
     assert list(table.net) == PAPER_GRID + ["ResNet-1202"]
     assert (row(table, "ResNet-1202").paper, row(table, "ResNet-1202")["params (M)"]) == (7.93, "19.4M")
-    third = report.fig6(runs).axes[2]
+    third = he2015.fig6(runs).axes[2]
     assert set(legend(third)) >= {"ResNet-110", "ResNet-1202"} and not third.texts
 
 
 def test_one_colour_per_depth_in_every_figure(runs):
     seen: dict[int, set] = {}
-    for fig in (report.fig6(runs), report.fig1(runs), report.fig7(runs)):
+    for fig in (he2015.fig6(runs), he2015.fig1(runs), he2015.fig7(runs)):
         for ax in fig.axes:
             if ax.get_legend() is None:
                 continue
@@ -207,17 +208,17 @@ def test_iterations_axis_is_in_1e4_as_the_papers_for_long_runs_and_plain_for_sho
     """The fixture's runs are tens of iterations, like the quick look's 720: plain counts. The same
     runs stretched to the paper's length are drawn in units of 1e4."""
     longest = runs.history.iteration.max()
-    short = report.fig1(runs).axes[0]
+    short = he2015.fig1(runs).axes[0]
     assert short.get_xlabel() == "iterations" and max(l.get_xdata().max() for l in short.lines if len(l.get_xdata())) == longest
     stretched = dataclasses.replace(runs, history=runs.history.assign(iteration=runs.history.iteration * 1000))
-    long = report.fig1(stretched).axes[0]
+    long = he2015.fig1(stretched).axes[0]
     assert long.get_xlabel() == "iter. (1e4)"
     assert max(l.get_xdata().max() for l in long.lines if len(l.get_xdata())) == pytest.approx(longest * 1000 / 1e4)
 
 
 def test_figures_decode_as_images(runs, tmp_path):
-    for name, (fig, axes) in {"fig6": (report.fig6(runs), 3), "fig1": (report.fig1(runs), 2),
-                              "fig7": (report.fig7(runs), 2)}.items():
+    for name, (fig, axes) in {"fig6": (he2015.fig6(runs), 3), "fig1": (he2015.fig1(runs), 2),
+                              "fig7": (he2015.fig7(runs), 2)}.items():
         assert len(fig.axes) == axes
         image = mpimg.imread(report.save(fig, tmp_path / f"{name}.png"))
         assert image.ndim == 3 and min(image.shape[:2]) > 300
@@ -227,7 +228,7 @@ def test_verdicts_from_the_data(runs, tmp_path):
     raw = raw_metrics()
     done = raw[~raw.diverged]
     p56, p20 = (done[(done.arch == "plain") & (done.depth == d)].train_error.mean() for d in (56, 20))
-    lines = report.verdicts(runs)
+    lines = he2015.verdicts(runs)
     assert lines[0] == (f"plain-56 ends with a higher training error than plain-20: "
                         f"{'yes' if p56 > p20 else 'no'} ({p56:.2f}% vs {p20:.2f}%)")
     r56 = done[(done.arch == "resnet") & (done.depth == 56)].train_error.mean()
@@ -235,14 +236,14 @@ def test_verdicts_from_the_data(runs, tmp_path):
                         f"{'yes' if r56 < p56 else 'no'} ({r56:.2f}% vs {p56:.2f}%)")
     assert lines[4].endswith("; ResNet-44 missing)")
     root = results(tmp_path, ["plain-20-0"])
-    assert report.degradation(report.collect(root)) == \
+    assert he2015.degradation(report.collect(root)) == \
         "plain-56 ends with a higher training error than plain-20: unknown (plain-56 missing)"
     fake_run(root, "plain-32-0", "plain-56-0", depth=56)
-    assert report.degradation(report.collect(root)).endswith("unknown (plain-56 diverged)")
-    assert report.residual_fix(report.collect(root)).endswith("unknown (ResNet-56 missing; plain-56 diverged)")
+    assert he2015.degradation(report.collect(root)).endswith("unknown (plain-56 diverged)")
+    assert he2015.residual_fix(report.collect(root)).endswith("unknown (ResNet-56 missing; plain-56 diverged)")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert all(": unknown (" in v for v in report.verdicts(report.collect(empty)))
+    assert all(": unknown (" in v for v in he2015.verdicts(report.collect(empty)))
 
 
 def test_bad_results_folders_fail_clearly(tmp_path):
@@ -280,7 +281,7 @@ def test_notebook_strict_nbval_on_the_fixture(tmp_path):
     for name in ("fig6.png", "fig1.png", "fig7.png"):
         assert mpimg.imread(out / name).ndim == 3
     csv = pd.read_csv(out / "table6.csv")
-    table = report.table6(report.collect(RUNS))
+    table = he2015.table6(report.collect(RUNS))
     pd.testing.assert_series_equal(csv.test_error, table.test_error)
 
 
@@ -316,29 +317,29 @@ def test_the_quick_report_shows_only_what_the_quick_look_ran(tmp_path):
     """Its four nets only: no 'missing' rows, no 'ours - paper' against a far shorter run, no empty
     panel, and no verdict it cannot give."""
     runs = report.collect(results(tmp_path, QUICK))
-    table = report.table6(runs, "quick")
+    table = he2015.table6(runs, "quick")
     assert list(table.net) == ["plain-20", "plain-56", "ResNet-20", "ResNet-56"]
     assert "missing" not in set(table.ours) and table["diff"].isna().all()
     assert list(table.paper[table.arch == "resnet"]) == [THE_PAPERS_TABLE6[20], THE_PAPERS_TABLE6[56]]
-    md = report.table6_markdown(table, "quick")
+    md = he2015.table6_markdown(table, "quick")
     assert "ours − paper" not in md and "a reference, not comparable" in md and "| 8.75 |" in md
-    assert "ours − paper" in report.table6_markdown(report.table6(runs))  # the paper's report keeps it
-    fig = report.fig6(runs, "quick")
+    assert "ours − paper" in he2015.table6_markdown(he2015.table6(runs))  # the paper's report keeps it
+    fig = he2015.fig6(runs, "quick")
     assert [ax.get_title() for ax in fig.axes] == ["plain", "ResNet"]
     labels = [label for ax in fig.axes for label in legend(ax)]
     assert not [label for label in labels if "missing" in label] and not [t for ax in fig.axes for t in ax.texts]
-    assert sorted(label for label in legend(report.fig7(runs, "quick").axes[0])) == [
+    assert sorted(label for label in legend(he2015.fig7(runs, "quick").axes[0])) == [
         "ResNet-20", "ResNet-56", "plain-20", "plain-56"]
-    lines = report.verdicts(runs, "quick")
-    assert len(lines) == 7 and lines[:4] == report.verdicts(runs)[:4]
+    lines = he2015.verdicts(runs, "quick")
+    assert len(lines) == 7 and lines[:4] == he2015.verdicts(runs)[:4]
     assert lines[4].endswith("not tested by the quick look (Table 6's ordering needs the paper's 64,000 "
                              "iterations: `make repro`)")
     assert re.search(r"deeper ResNets have smaller responses .*: (yes|no) \(20: [\d.]+, 56: [\d.]+\)$", lines[6])
     assert not [line for line in lines if "unknown" in line or "missing" in line]
     (tmp_path / "small").mkdir()
     small = report.collect(results(tmp_path / "small", ["plain-20-0", "resnet-20-0"]))
-    assert [len(legend(ax)) - 2 for ax in report.fig6(small, "quick").axes] == [1, 1]  # one net a panel
-    assert report.verdicts(small, "quick")[0] == ("plain-56 ends with a higher training error than plain-20: "
+    assert [len(legend(ax)) - 2 for ax in he2015.fig6(small, "quick").axes] == [1, 1]  # one net a panel
+    assert he2015.verdicts(small, "quick")[0] == ("plain-56 ends with a higher training error than plain-20: "
                                                   "not tested by the quick look (it does not run plain-56)")
 
 
@@ -368,27 +369,27 @@ def test_each_verdict_follows_the_planted_numbers_both_ways(holds):
                    responses={("plain", 20): 3.0, ("resnet", 20): 1.0 if holds else 5.0,
                               ("plain", 56): 3.0, ("resnet", 56): 0.5 if holds else 6.0})
     answer = "yes" if holds else "no"
-    assert report.degradation(runs, "train_error") == (
+    assert he2015.degradation(runs, "train_error") == (
         f"plain-56 ends with a higher training error than plain-20: {answer} ({bad:.2f}% vs {good:.2f}%)")
-    assert report.degradation(runs, "test_error").split(": ")[1].startswith(answer)
+    assert he2015.degradation(runs, "test_error").split(": ")[1].startswith(answer)
     # ResNet-56 at good-5 beats plain-56 only when plain-56 is the worse net
-    assert report.residual_fix(runs, "train_error").split(": ")[1].startswith(answer)
-    assert report.responses_smaller(runs).split(": ")[1].startswith(answer)
-    assert report.deeper_responses_smaller(runs, (20, 56)).split(": ")[1].startswith(answer)
+    assert he2015.residual_fix(runs, "train_error").split(": ")[1].startswith(answer)
+    assert he2015.responses_smaller(runs).split(": ")[1].startswith(answer)
+    assert he2015.deeper_responses_smaller(runs, (20, 56)).split(": ")[1].startswith(answer)
     falling = {20: 9.0, 32: 8.0, 44: 7.0, 56: 6.0, 110: 5.0}
     table6 = planted({("resnet", d): (1.0, e if holds else 20.0 - e) for d, e in falling.items()})
-    assert report.deeper_resnets_better(table6).split(": ")[1].startswith(answer)
+    assert he2015.deeper_resnets_better(table6).split(": ")[1].startswith(answer)
 
 
 def test_a_trend_with_one_step_the_wrong_way_is_no():
     runs = planted({("resnet", d): (1.0, e) for d, e in {20: 9.0, 32: 8.0, 44: 8.5, 56: 6.0, 110: 5.0}.items()})
-    assert report.deeper_resnets_better(runs).split(": ")[1].startswith("no")
+    assert he2015.deeper_resnets_better(runs).split(": ")[1].startswith("no")
 
 
 def test_fig1_draws_each_nets_own_curve_training_dashed_test_solid():
     rows = {("plain", 20): [(100, 50.0, 60.0), (200, 40.0, 55.0)], ("plain", 56): [(100, 70.0, 75.0), (200, 65.0, 68.0)]}
     runs = planted({net: rows[net][-1][1:] for net in rows}, history=rows)
-    left, right = report.fig1(runs).axes
+    left, right = he2015.fig1(runs).axes
     for ax, column, style in ((left, 1, "--"), (right, 2, "-")):
         drawn = sorted((tuple(line.get_xdata()), tuple(line.get_ydata()), line.get_linestyle())
                        for line in ax.get_lines() if len(line.get_xdata()))

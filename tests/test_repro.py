@@ -30,6 +30,8 @@ TINY = dict(iterations=20, milestones=[10, 15], batch_size=16, log_every=5, eval
             checkpoint_every=5, device="cpu", compile=False)
 GRID = ["plain-8-0", "resnet-8-0", "plain-20-0", "resnet-20-0"]
 QUICK = ["plain-8-0", "resnet-8-0"]
+GRID2016 = ["preact-8-0", "preactbottleneck-11-0"]   # the sequel's: a basic and a bottleneck net
+QUICK2016 = ["resnet-8-0", "scaling05x05-8-0"]
 
 pytestmark = pytest.mark.slow
 
@@ -54,10 +56,15 @@ def set_params(project: Path, md5: str, grid: list[str], quick: list[str] = QUIC
     params["grid"] = grid
     params["quick"] = {"grid": quick, "train": {"iterations": 12, "milestones": [6, 9], "lr_ramp": 2, "log_every": 3,
                                                 "eval_every": 6, "eval_subset": 20, "checkpoint_every": 3}}
+    params["he2016"]["train"]["warmup_iterations"] = 5  # the sequel's fixed warm-up, in a 20-iteration run
+    params["he2016"]["grid"] = GRID2016
+    params["he2016"]["quick"]["grid"] = QUICK2016
+    params["he2016"]["quick"]["train"].update(params["quick"]["train"])  # its keys: dvc.yaml declares them
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = yaml.safe_load((project / "dvc.yaml").read_text())
-    for name, runs in (("paper", grid), ("quick", quick)):
-        profile = pipeline.PROFILES[name]
+    for (paper, name), runs in ((("2015", "paper"), grid), (("2015", "quick"), quick), (("2016", "paper"), GRID2016),
+                                (("2016", "quick"), QUICK2016)):
+        profile = pipeline.profile_of(paper, name)
         stage = stages["stages"][profile.report_stage]
         stage["deps"] = [d for d in stage["deps"] if not d.endswith("metrics.json")] + [
             f"{profile.results}/{r}/metrics.json" for r in runs]
@@ -101,7 +108,7 @@ def grid_project(tmp_path_factory, tarball):
 
 def test_grid_trains_every_run_two_at_a_time_then_the_report(grid_project):
     project, first = grid_project
-    assert "4 runs of profile paper: 0 up to date, 4 to train (2 at a time: OMP_NUM_THREADS=" in first.stdout
+    assert "4 runs of `make repro`: 0 up to date, 4 to train (2 at a time: OMP_NUM_THREADS=" in first.stdout
     for name in GRID:
         out = project / "results" / name
         metrics = read_outputs(out)
@@ -175,7 +182,7 @@ def test_quick_profile_keeps_its_runs_and_report_apart(grid_project):
     paper_table = (project / "reports" / "table6.csv").read_bytes()
     done = make(project, "quick", "JOBS=2")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "2 runs of profile quick: 0 up to date, 2 to train" in done.stdout
+    assert "2 runs of `make quick`: 0 up to date, 2 to train" in done.stdout
     for name in QUICK:
         metrics = read_outputs(project / "results" / "quick" / name)
         assert metrics["iterations"] == 12 and metrics["config"]["milestones"] == [6, 9]
@@ -195,7 +202,47 @@ def test_quick_profile_keeps_its_runs_and_report_apart(grid_project):
     assert sorted(quick_table.dropna(subset=["iterations"]).iterations.unique()) == [12]
     # the paper's report: same bytes, and no quick run in it
     assert (project / "reports" / "table6.csv").read_bytes() == paper_table
-    assert "Data and pipelines are up to date." in dvc("status", cwd=project).stdout
+    assert "Data and pipelines are up to date." in dvc("status", "--with-deps", "report", "quick-report",
+                                                       cwd=project).stdout
+
+
+def test_the_sequels_quick_look_and_grid_keep_apart_from_2015s(grid_project):
+    """`make quick PAPER=2016` and `make repro PAPER=2016`: the sequel's runs, protocol and report
+    in their own places; the 2015 runs and reports untouched."""
+    project, _ = grid_project
+    before = {p: p.read_bytes() for p in sorted((project / "results").glob("*/metrics.json"))}
+    done = make(project, "quick", "PAPER=2016", "JOBS=2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 runs of `make quick PAPER=2016`: 0 up to date, 2 to train" in done.stdout
+    for name in QUICK2016:
+        metrics = read_outputs(project / "results" / "2016" / "quick" / name)
+        assert metrics["iterations"] == 12 and metrics["config"]["lr_ramp"] == 2 and metrics["warmup"] is False
+    quick_md = (project / "reports" / "2016" / "quick" / "tables.md").read_text()
+    assert "resnet-8" in quick_md and "scaling05x05-8" in quick_md and "Quick look, not the paper's protocol" in quick_md
+    verdicts = (project / "reports" / "2016" / "quick" / "verdicts.md").read_text()
+    assert "not tested by the quick look (it does not run convshortcut-8)" in verdicts
+    assert (project / "reports" / "2016" / "quick" / "quick.png").is_file()
+
+    done = make(project, "repro", "PAPER=2016", "JOBS=2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in GRID2016:
+        out = project / "results" / "2016" / name
+        metrics = read_outputs(out)
+        assert (metrics["warmup"], metrics["warmup_ended_at"], metrics["iterations"]) == (True, 5, 20)
+        assert metrics["shortcut"] == ("B" if "bottleneck" in name else "A")
+        # lr 0.01 for the first 5 iterations, then 0.1: the interval ending at 5 was all warm-up
+        assert pd.read_csv(out / "history.csv")["lr"].round(6).tolist() == [0.01, 0.1, 0.01, 0.001]
+    tables = pd.read_csv(project / "reports" / "2016" / "tables.csv")
+    others = tables[tables.table == "Other runs"]  # no net of the tiny grid is at a depth of Tables 1-3
+    assert sorted(others.net) == ["preact-8", "preactbottleneck-11"] and others["median"].notna().all()
+    assert (tables[tables.table != "Other runs"].ours == "missing").all()
+    for f in ("report.ipynb", "tables.md", "fig1.png", "fig3.png", "fig6.png", "verdicts.md"):
+        assert (project / "reports" / "2016" / f).is_file(), f
+    assert {p: p.read_bytes() for p in sorted((project / "results").glob("*/metrics.json"))} == before
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert {f"train2016@{n}" for n in GRID2016} | {f"quick2016@{n}" for n in QUICK2016} <= set(lock)
+    assert "Data and pipelines are up to date." in dvc("status", "--with-deps", "report", "report2016",
+                                                       "quick2016-report", cwd=project).stdout
 
 
 def test_a_failing_run_does_not_stop_the_others_and_no_report_is_built(grid_project):

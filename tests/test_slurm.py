@@ -220,7 +220,7 @@ def test_make_repro_on_slurm_with_a_preempted_stage(tmp_path, cluster):
     print(f"make repro EXECUTOR=slurm: {time.time() - start:.0f} s, job array {array}, preempted {sent}")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert array is not None and len(sent) == 1, (array, sent)
-    assert f"{len(GRID)} runs of profile paper: 0 up to date, {len(GRID)} to train (as one Slurm job array)" in done.stdout
+    assert f"{len(GRID)} runs of `make repro`: 0 up to date, {len(GRID)} to train (as one Slurm job array)" in done.stdout
 
     # Slurm: the preempted task was requeued once, then completed; the others completed at once.
     states = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", "-j", array],
