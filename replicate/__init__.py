@@ -1,7 +1,9 @@
-"""Reference replication of the CIFAR-10 experiments of He et al. 2015 (arXiv:1512.03385).
+"""Reference replication of the CIFAR-10 experiments of He et al. 2015 (arXiv:1512.03385) and of
+its sequel, He et al. 2016 (arXiv:1603.05027).
 
-Modules: `models` (plain and residual nets), `data` (CIFAR-10 on the device), `train` (the
-paper's protocol). Import them by name, e.g. `from replicate.train import Config, train`.
+Modules: `models` (plain and residual nets), `preact` (the sequel's nets), `data` (CIFAR-10 on the
+device), `train` (the papers' protocol), `papers` (each paper's grid, report and quick look).
+Import them by name, e.g. `from replicate.train import Config, train`.
 """
 
 import hashlib

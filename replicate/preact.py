@@ -343,7 +343,7 @@ def check_depth(arch: str, depth: int, shortcut: str | None = None) -> None:
                          f"{k}n+2 with n >= 1 ({examples}, ...), got {depth!r}")
     if unit == "bottleneck" and shortcut not in (None, "B"):
         raise ValueError(f"{arch} has bottleneck units, whose shape changes go through 1x1 projections: "
-                         f"shortcut must be 'B' (or None), got {shortcut!r}")
+                         f"shortcut must be 'B' (or None, its own: null in params.yaml, --shortcut null), got {shortcut!r}")
     if shortcut not in (None, "A", "B"):
         raise ValueError(f"shortcut must be 'A' (identity, zero-padded) or 'B' (1x1 projection), got {shortcut!r}")
 

@@ -485,6 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     kind = {"milestones": lambda s: [int(v) for v in s.split(",")], "warmup": flag, "deterministic": flag,
             "cuda_graphs": flag,
             "bn_batch_size": lambda s: None if s.lower() in ("null", "none") else int(s),
+            "shortcut": lambda s: None if s.lower() in ("null", "none") else s,
             "compile": lambda s: "auto" if s.lower() == "auto" else flag(s)}
     for f in dataclasses.fields(Config):
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,

@@ -54,7 +54,7 @@ def test_warmup_iterations_must_end_before_the_run():
 
 def test_bottleneck_nets_train_with_their_own_shortcut_not_the_2015_option_a():
     assert Config(arch="preactbottleneck", depth=164, shortcut=None).shortcut is None
-    with pytest.raises(ValueError, match="shortcut must be 'B' \\(or None\\)"):
+    with pytest.raises(ValueError, match="shortcut must be 'B' \\(or None, its own: null in params.yaml, --shortcut null\\)"):
         Config(arch="preactbottleneck", depth=164, shortcut="A")
 
 
@@ -185,20 +185,24 @@ def test_verdicts_answer_each_claim_from_the_medians():
 
 
 def test_quick_verdicts_test_only_what_the_quick_look_runs():
-    runs = made_up({("resnet", 56): [50.0, 52.0], ("scaling05x05", 56): [66.0, 70.0], ("convshortcut", 56): [60.0, 61.0],
+    runs = made_up({("resnet", 56): [50.0, 52.0], ("scaling05x05", 56): [66.0, 70.0], ("preact", 56): [48.0, 47.0],
                     ("bnafter", 56): [67.0, 65.0]}, iterations=480)
     lines = he2016.verdicts(runs, "quick")
-    first = he2016.QUICK_CLAIMS[0][0]
-    assert lines[0] == (f"{first}, training error, 56 layers: yes (resnet-56 25.50% vs scaling05x05-56 34.00%, "
-                        "convshortcut-56 30.25%)")
-    assert all("not tested by the quick look" in line for line in lines[-len(he2016.NOT_QUICK):])
+    claims = [claim for claim, _, _ in he2016.QUICK_CLAIMS]
+    assert lines[0] == f"{claims[0]}, training error, 56 layers: yes (resnet-56 25.50% vs scaling05x05-56 34.00%)"
+    assert lines[5] == (f"{claims[2]}, test error, 56 layers: yes (preact-56 47.50% vs resnet-56 51.00%, "
+                        "bnafter-56 66.00%)")
+    assert lines[6:] == he2016.NOT_QUICK and all("not tested by the quick look" in line for line in lines[6:])
+    worse = made_up({("resnet", 56): [50.0], ("scaling05x05", 56): [66.0], ("preact", 56): [55.0],
+                     ("bnafter", 56): [60.0]}, iterations=480)
+    assert he2016.verdicts(worse, "quick")[4].startswith(f"{claims[2]}, training error, 56 layers: no (")
     partial = made_up({("resnet", 56): [50.0], ("scaling05x05", 56): [66.0]}, iterations=480)
-    assert any(line.endswith("not tested by the quick look (it does not run convshortcut-56)")
-               for line in he2016.verdicts(partial, "quick"))
+    assert f"{claims[1]}: not tested by the quick look (it does not run bnafter-56)" in he2016.verdicts(partial, "quick")
     t = he2016.table(runs, "quick")
-    assert t.net.tolist() == ["resnet-56", "bnafter-56", "scaling05x05-56", "convshortcut-56"]  # NETS' order
-    assert t.set_index("net").loc["resnet-56", "test error (%)"] == "51.00 (51.00±1.41, 2 runs)"
+    assert t.net.tolist() == ["resnet-56", "preact-56", "bnafter-56", "scaling05x05-56"]  # NETS' order
+    assert t.set_index("net").loc["resnet-56", "test error (%)"] == "51.00 (51.00±1.41, 2 runs)"  # no "fail"
     assert t.set_index("net").loc["scaling05x05-56", "paper (%)"] == "12.35"
+    assert [len(nets) for nets, _ in he2016.quick_panels(runs)] == [2, 2, 3]
 
 
 def test_figures_and_tables_are_written(tmp_path):
