@@ -221,7 +221,7 @@ def config(params: dict, run: Run, profile: Profile | str = "paper") -> Config:
 
 
 def check(params: dict, notebook: str | Path | None = NOTEBOOK, dvc_yaml: str | Path | None = DVC_YAML) -> list[Run]:
-    """Validate every run of both profiles at once, so a typo fails before any training starts.
+    """Validate every run of every profile at once, so a typo fails before any training starts.
 
     Raises ValueError naming each bad value once (`train.lr must be a number, got '0.1x'`), then
     each bad run. With `notebook`, also checks that the notebook takes every parameter the stage

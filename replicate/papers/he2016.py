@@ -24,7 +24,7 @@ YEAR = "2016"
 TITLE = "He et al. 2016, Identity Mappings in Deep Residual Networks (arXiv:1603.05027)"
 SECTION = "he2016"
 NETS = ("resnet", *ARCHS)
-QUICK_NOTE = "Nets of 56 layers (the paper's: 110 and 164)."
+QUICK_NOTE = "Nets of 56 layers (the paper's: 110 and 164), no warm-up (the paper's: 400 iterations at lr 0.01)."
 OUTPUTS = {"paper": ("tables.csv", "tables.md", "tables.json", "fig1.png", "fig3.png", "fig6.png"),
            "quick": ("tables.csv", "tables.md", "tables.json", "quick.png")}
 FAIL = 20.0   # the paper's "fail": a test error above 20%
