@@ -62,7 +62,7 @@ NOT_QUICK = [
 ]
 
 
-def rows(kind: str = "paper", depth: int | None = None) -> list[tuple[str, str, str, int, object]]:
+def rows() -> list[tuple[str, str, str, int, object]]:
     """(table, case, arch, depth, the paper's error) of every cell of Tables 1 to 3 (CIFAR-10)."""
     cells = [("Table 1", case, arch, 110, PAPER_TABLE1[case]) for case, arch in TABLE1.items()]
     for case, archs in TABLE2.items():
@@ -179,14 +179,16 @@ def tables(runs: Runs, out: Path, note: str, kind: str = "paper") -> list[str]:
 
 # --- figures ---------------------------------------------------------------------------------
 
-def curves(ax, runs: Runs, nets: list[tuple[str, int]], title: str = "") -> None:
+def curves(ax, runs: Runs, nets: list[tuple[str, int]], title: str = "", colours: dict | None = None) -> None:
     """The paper's Figures 1, 3 and 6: test error solid (left axis), training loss dashed (right
-    axis), against iterations; several seeds averaged; a missing net named in the legend."""
+    axis), against iterations; several seeds averaged; a missing net named in the legend. `colours`:
+    net -> colour, the same in every panel of a figure."""
+    colours = colours or {net: f"C{i}" for i, net in enumerate(nets)}
     loss_ax = ax.twinx()
     scale, x = (1e4, "iter. (1e4)") if (runs.history.iteration.max() or 0) >= 10_000 else (1, "iterations")
     handles = []
-    for i, (arch, depth) in enumerate(nets):
-        colour = f"C{i}"
+    for arch, depth in nets:
+        colour = colours[(arch, depth)]
         h = runs.history
         h = h[(h.arch == arch) & (h.depth == depth)]
         h = h.assign(**{x: h.iteration / scale})
@@ -220,8 +222,9 @@ def figures(runs: Runs, out: Path, note: str, kind: str = "paper") -> list[Path]
 
 def _draw(runs: Runs, panels: list[tuple[list[tuple[str, int]], str]]):
     fig, axes = _figure(1, len(panels), (6.2 * len(panels), 4.6))
+    every = list(dict.fromkeys(net for nets, _ in panels for net in nets))
     for ax, (nets, title) in zip(axes, panels):
-        curves(ax, runs, nets, title)
+        curves(ax, runs, nets, title, {net: f"C{i}" for i, net in enumerate(every)})
     return fig
 
 
