@@ -121,6 +121,18 @@ def preempt_once(folder: Path, task_id: int, checkpoint: Path, sent: list, stop:
                 continue
 
 
+
+def sacct_settled(args: list[str], timeout: float = 60.0) -> list[str]:
+    """`sacct -n -X -D -P ARGS` once no job it lists is still RUNNING or PENDING: its accounting
+    lags the job's end by seconds on a loaded machine (seen: RUNNING for a finished task)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = subprocess.run(["sacct", "-n", "-X", "-D", "-P", *args], capture_output=True, text=True,
+                               check=True).stdout.split()
+        if time.monotonic() > deadline or not any(line.endswith(("RUNNING", "PENDING")) for line in lines):
+            return lines
+        time.sleep(1)
+
 def test_job_array_with_preemption_and_failure(tmp_path, by_value, cluster):
     script = tmp_path / "count.py"
     script.write_text(COMMAND)
@@ -166,8 +178,7 @@ def test_job_array_with_preemption_and_failure(tmp_path, by_value, cluster):
     for run in ("quick-0", "failing-0"):
         assert (tmp_path / run / "starts").read_text().split() == ["0"]
     job = next(j for j in job_ids if j.endswith(f"_{target}"))
-    states = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job],
-                            capture_output=True, text=True, check=True).stdout.split()
+    states = sacct_settled(["-o", "State", "-j", job])
     print(f"sacct states of {job}: {states}")
     assert states == ["REQUEUED", "COMPLETED"]
 
@@ -223,8 +234,7 @@ def test_make_repro_on_slurm_with_a_preempted_stage(tmp_path, cluster):
     assert f"{len(GRID)} runs of `make repro`: 0 up to date, {len(GRID)} to train (as one Slurm job array)" in done.stdout
 
     # Slurm: the preempted task was requeued once, then completed; the others completed at once.
-    states = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", "-j", array],
-                            capture_output=True, text=True, check=True).stdout.split()
+    states = sacct_settled(["-o", "JobID,State", "-j", array])
     print(f"sacct -D of array {array}: {states}")
     task = GRID.index(PREEMPTED)
     assert [s.split("|")[1] for s in states if s.startswith(f"{array}_{task}|")] == ["REQUEUED", "COMPLETED"]
