@@ -3,9 +3,9 @@ table, and the figure and table helpers. Each paper's own tables, figures and ve
 replicate/papers/; `notebooks/report.ipynb` only calls them and shows what they return.
 
 Everything here reads run folders as `replicate.train` writes them (metrics.json and run.json,
-history.csv, responses.csv) and returns pandas frames, matplotlib Figures or strings. Our numbers are always computed from the runs. The
-paper's and other replications' numbers are the constants below and only ever appear beside ours.
-A run is identified by the arch, depth, shortcut and seed in its run.json, never by its folder
+history.csv, responses.csv) and returns pandas frames, matplotlib Figures or strings. Our numbers
+are always computed from the runs; the papers' and other replications' numbers are constants of
+each paper's module and only ever appear beside ours. A run is identified by the arch, depth, shortcut and seed in its run.json, never by its folder
 name. Figures are built on `matplotlib.figure.Figure` (not pyplot), so nothing is shown twice in
 a notebook and nothing piles up in pyplot's registry.
 """

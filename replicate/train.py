@@ -2,8 +2,9 @@
 
 SGD (momentum 0.9, weight decay 1e-4, batch 128), lr 0.1 divided by 10 at 32k and 48k, stop at
 64k; for depth >= 110 a warm-up at lr 0.01 until the training error is below 80%, then back to
-0.1 (the sequel, He et al. 2016: for every net, over exactly its first 400 iterations). Checkpoints are atomic (replicate/checkpoint.py); a non-finite loss ends the run as
-'diverged'. `lr_ramp` (not the paper's, off in its protocol) is the quick look's short lr ramp.
+0.1 (the sequel, He et al. 2016: for every net, over exactly its first 400 iterations).
+Checkpoints are atomic (replicate/checkpoint.py); a non-finite loss ends the run as 'diverged'.
+`lr_ramp` (not the paper's, off in its protocol) is the quick look's short lr ramp.
 """
 
 from __future__ import annotations
