@@ -62,16 +62,16 @@ test-slurm: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not slurm"
 
-## repro: fetch and check CIFAR-10 (data.dvc), train the paper's grid JOBS at a time, build the report (PAPER=2016: the sequel's)
+## repro: fetch and check CIFAR-10 (data.dvc), train the paper's grid JOBS at a time, build the report (PAPER=2016: the sequel's, and CIFAR-100)
 .PHONY: repro
 repro: $(STAMP)
-	$(PY) -m replicate.pipeline fetch
+	$(PY) -m replicate.pipeline fetch --paper $(PAPER)
 	$(PY) -m replicate.grid --paper $(PAPER) --jobs $(JOBS) --executor $(EXECUTOR) $(if $(SLURM_ARGS),--slurm $(SLURM_ARGS))
 
 ## quick: Fig. 1 and the ResNet fix on a CPU in about 15 minutes (params.yaml quick; reports/quick/); PAPER=2016: the sequel's (reports/2016/quick/)
 .PHONY: quick
 quick: $(STAMP)
-	$(PY) -m replicate.pipeline fetch
+	$(PY) -m replicate.pipeline fetch --paper $(PAPER) --profile quick
 	$(PY) -m replicate.grid --paper $(PAPER) --profile quick --jobs $(JOBS) --executor $(EXECUTOR) $(if $(SLURM_ARGS),--slurm $(SLURM_ARGS))
 
 ## lab: open JupyterLab here, in .venv: notebooks/ and every executed run in results/

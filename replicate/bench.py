@@ -52,7 +52,7 @@ def sync(device: torch.device) -> None:
 
 
 def load_data(root: str | Path, n_train: int = 50_000, n_test: int = 10_000,
-              seed: int = 0) -> tuple[cifar.Cifar10, str]:
+              seed: int = 0) -> tuple[cifar.CifarData, str]:
     """Real CIFAR-10 from `root/cifar-10-batches-py` if it is there, else generated data of that
     shape. Returns the data and a line saying which."""
     if (Path(root) / cifar.FOLDER).is_dir():
@@ -94,7 +94,7 @@ class Engine:
     """`replicate.train`'s engine, built by the same `train.make_engine`, and its loop minus
     evaluation and checkpoints (which a long run does rarely)."""
 
-    def __init__(self, data: cifar.Cifar10, arch: str, depth: int, device: torch.device, *, batch_size: int = 128,
+    def __init__(self, data: cifar.CifarData, arch: str, depth: int, device: torch.device, *, batch_size: int = 128,
                  seed: int = 0, run_length: int = 55, compile: bool | str = "auto", cuda_graphs: bool = False,
                  log_every: int = 100, **config):
         self.cfg = train.Config(arch=arch, depth=depth, batch_size=batch_size, seed=seed, iterations=run_length,
@@ -159,7 +159,7 @@ class Reference:
     """The usual PyTorch CIFAR trainer: PIL images, per-image torchvision transforms in DataLoader
     workers, fp32, default memory format, plain SGD, `loss.item()` every iteration."""
 
-    def __init__(self, data: cifar.Cifar10, arch: str, depth: int, device: torch.device, *, batch_size: int = 128,
+    def __init__(self, data: cifar.CifarData, arch: str, depth: int, device: torch.device, *, batch_size: int = 128,
                  seed: int = 0, workers: int = 2, stats: tuple[list[float], list[float]] | None = None):
         transform = reference_transform(*(stats or channel_stats(data.train_x)))
         self.loader = DataLoader(PILCifar(data.train_x, data.train_y, transform), batch_size=batch_size,
@@ -248,7 +248,7 @@ def timed_blocks(trainers: list, device: torch.device, warmup: int, iterations: 
     return results
 
 
-def compare(data: cifar.Cifar10, arch: str, depth: int, device: torch.device, *, batch_size: int, warmup: int,
+def compare(data: cifar.CifarData, arch: str, depth: int, device: torch.device, *, batch_size: int, warmup: int,
             iterations: int, blocks: int, seed: int, workers: int, compile: bool | str, cuda_graphs: bool) -> dict:
     """The engine and the reference-style trainer on one net: start-up each, then interleaved timing."""
     stats = channel_stats(data.train_x)  # constants in the usual trainer: not timed
@@ -363,7 +363,7 @@ class DataOnly:
     """Only the data path: the engine's CifarLoader.batch, or one DataLoader batch of the
     reference-style pipeline made in this process (num_workers=0: its CPU cost per batch)."""
 
-    def __init__(self, data: cifar.Cifar10, device: torch.device, engine: bool, *, batch_size: int, seed: int):
+    def __init__(self, data: cifar.CifarData, device: torch.device, engine: bool, *, batch_size: int, seed: int):
         if engine:
             ds = cifar.split(data, 0, seed)
             self.loader = cifar.CifarLoader(ds.train_x, ds.train_y, ds.mean, batch_size, seed, device,
@@ -390,7 +390,7 @@ class DataOnly:
             self.next(it)
 
 
-def bench_tricks(data: cifar.Cifar10, arch: str, depth: int, device: torch.device, *, batch_size: int,
+def bench_tricks(data: cifar.CifarData, arch: str, depth: int, device: torch.device, *, batch_size: int,
                  warmup: int, iterations: int, blocks: int, seed: int, compile: bool | str, **_) -> list[dict]:
     """Time each variant of the step (and each data path) in interleaved blocks, like compare()."""
     cuda = device.type == "cuda"

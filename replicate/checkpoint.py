@@ -87,7 +87,8 @@ def made_by(config: dict, data: str, code: str, device_type: str) -> dict:
     return {"config": config, "data": data, "code": code, "device_type": device_type}
 
 
-IDENTITY = ("arch", "depth", "seed")  # the run itself: its folder's name
+IDENTITY = ("arch", "depth", "seed", "dataset")  # the run itself: its folder's name
+UNSAID = {"dataset": "cifar10"}  # what a checkpoint made before a key existed had
 
 
 def changes(saved: dict, ours: dict) -> list[str]:
@@ -108,8 +109,12 @@ def changes(saved: dict, ours: dict) -> list[str]:
 def check_identity(saved: dict, ours: dict, path: Path) -> None:
     """A checkpoint of another run (another net or seed) is another run's work: refuse to touch it."""
     config = saved["config"]
-    if any(config.get(k) != ours["config"][k] for k in IDENTITY):
-        theirs, now = ("-".join(str(c.get(k)) for k in IDENTITY) for c in (config, ours["config"]))
+
+    def key(c: dict) -> list:
+        return [c.get(k, UNSAID.get(k)) for k in IDENTITY]
+
+    if key(config) != key(ours["config"]):
+        theirs, now = ("-".join(map(str, key(c))) for c in (config, ours["config"]))
         raise ValueError(f"{path} is the checkpoint of run {theirs}, not of {now}: give this run its own folder "
                          f"(--out), or delete that checkpoint")
 

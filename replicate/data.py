@@ -1,5 +1,5 @@
-"""CIFAR-10 on the training device: reading the official pickle layout, the paper's
-preprocessing (per-pixel mean subtracted, no std) and its augmentation done on whole batches."""
+"""CIFAR-10 and CIFAR-100 on the training device: reading the official pickle layouts, the papers'
+preprocessing (per-pixel mean subtracted, no std) and their augmentation done on whole batches."""
 
 from __future__ import annotations
 
@@ -30,16 +30,63 @@ META = "batches.meta"  # class names, in the official tarball
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PAD = 4  # the paper pads 4 pixels on each side, then crops 32x32
 
-HOW_TO_GET = (
-    "Run `make repro` (it downloads and checks the tarball with DVC), or put the official "
-    f"{TARBALL} (md5 {MD5}) in data/ and run `python -m replicate.data prepare "
-    f"data/{TARBALL} data`."
-)
+
+
+@dataclass(frozen=True)
+class Source:
+    """An official CIFAR tarball and the pickle layout inside it."""
+
+    name: str              # what reports call it
+    url: str
+    tarball: str
+    md5: str
+    folder: str            # what the tarball extracts to, under the data root
+    train: tuple[str, ...]  # the training batch files, in order
+    test: str
+    meta: str              # class names; our loader does not need it
+    labels: bytes          # the batch dicts' label key: CIFAR-100 has 100 "fine" and 20 "coarse" labels
+    classes: int
+    pin: str               # the .dvc file beside dvc.yaml that pins the tarball
+
+    @property
+    def how_to_get(self) -> str:
+        flag = "" if self is DATASETS["cifar10"] else f" --dataset {key_of(self)}"
+        return (f"Run `make repro` (it downloads and checks the tarball with DVC), or put the official "
+                f"{self.tarball} (md5 {self.md5}) in data/ and run `python -m replicate.data prepare "
+                f"data/{self.tarball} data{flag}`.")
+
+
+# A run's data set is part of its identity (train.Config.dataset, the run name's suffix): "cifar10"
+# is the default and is never written; the sequel's Table 3 also runs on "cifar100".
+DATASETS = {
+    "cifar10": Source("CIFAR-10", URL, TARBALL, MD5, FOLDER, tuple(TRAIN_BATCHES), TEST_BATCH, META, b"labels", 10,
+                      "data.dvc"),
+    "cifar100": Source("CIFAR-100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                       "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python", ("train",),
+                       "test", "meta", b"fine_labels", 100, "data-cifar100.dvc"),
+}
+DEFAULT = "cifar10"
+HOW_TO_GET = DATASETS[DEFAULT].how_to_get
+
+
+def source(dataset: str) -> Source:
+    """The Source of a data set's key ("cifar10", "cifar100"); an unknown key is named with the known ones."""
+    if dataset not in DATASETS:
+        import difflib
+
+        close = difflib.get_close_matches(str(dataset), list(DATASETS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown data set {dataset!r}: {hint}the data sets are {', '.join(DATASETS)}")
+    return DATASETS[dataset]
+
+
+def key_of(src: Source) -> str:
+    return next(k for k, v in DATASETS.items() if v is src)
 
 
 @dataclass
-class Cifar10:
-    """CIFAR-10 as uint8 images (N, 3, 32, 32), RGB, and int64 labels (N,)."""
+class CifarData:
+    """CIFAR-10 or CIFAR-100 as uint8 images (N, 3, 32, 32), RGB, and int64 labels (N,)."""
 
     train_x: np.ndarray
     train_y: np.ndarray
@@ -47,79 +94,99 @@ class Cifar10:
     test_y: np.ndarray
 
 
-def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One batch file of the official pickle layout: a dict with `data` (N, 3072) and `labels`."""
+def read_batch(path: Path, src: Source = DATASETS[DEFAULT]) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file of the official pickle layout: a dict with `data` (N, 3072) and the labels
+    (`labels`; CIFAR-100's `fine_labels`)."""
     if not path.is_file():
-        raise FileNotFoundError(f"missing CIFAR-10 batch file {path}. {HOW_TO_GET}")
+        raise FileNotFoundError(f"missing {src.name} batch file {path}. {src.how_to_get}")
     try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
         data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        labels = np.asarray(batch[src.labels], dtype=np.int64)
         images = data.reshape(-1, 3, 32, 32)
     except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, KeyError, ...
         raise ValueError(
-            f"{path} is not a readable CIFAR-10 batch ({type(e).__name__}: {e}); the file is "
-            f"corrupt or truncated. Delete {path.parent} and prepare the data again. {HOW_TO_GET}"
+            f"{path} is not a readable {src.name} batch ({type(e).__name__}: {e}); the file is "
+            f"corrupt or truncated. Delete {path.parent} and prepare the data again. {src.how_to_get}"
         ) from None
     if len(images) != len(labels):
         raise ValueError(f"{path} holds {len(images)} images but {len(labels)} labels: the file is corrupt")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < src.classes:
+        raise ValueError(f"{path} has labels {labels.min()}..{labels.max()}, but {src.name} has {src.classes} "
+                         f"classes: it is not a {src.name} batch")
     return images, labels
 
 
-def load_cifar10(root: str | Path) -> Cifar10:
-    """Read a torchvision-style root that holds `cifar-10-batches-py/` (any size, official layout).
+def load(root: str | Path, dataset: str = DEFAULT) -> CifarData:
+    """Read a torchvision-style root that holds the data set's folder (`cifar-10-batches-py/`,
+    `cifar-100-python/`) in the official layout, of any size.
 
     Integrity is checked once, when the tarball is prepared (`prepare`), not here, so small
     generated folders in the same layout load too.
     """
-    folder = Path(root) / FOLDER
+    src = source(dataset)
+    folder = Path(root) / src.folder
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"no CIFAR-10 at {folder}: expected {folder}/data_batch_1..5 and {folder}/test_batch "
-            f"in the official pickle layout. {HOW_TO_GET}"
+            f"no {src.name} at {folder}: expected {', '.join(f'{folder}/{n}' for n in (*src.train, src.test))} "
+            f"in the official pickle layout. {src.how_to_get}"
         )
-    train = [read_batch(folder / name) for name in TRAIN_BATCHES]
-    test_x, test_y = read_batch(folder / TEST_BATCH)
-    return Cifar10(
+    train = [read_batch(folder / name, src) for name in src.train]
+    test_x, test_y = read_batch(folder / src.test, src)
+    return CifarData(
         np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), test_x, test_y
     )
 
 
-def write_cifar10(root: str | Path, data: Cifar10) -> Path:
-    """Write `data` in the official pickle layout under `root/cifar-10-batches-py/`."""
-    folder = Path(root) / FOLDER
+def load_cifar10(root: str | Path) -> CifarData:
+    return load(root, "cifar10")
+
+
+def write(root: str | Path, data: CifarData, dataset: str = DEFAULT) -> Path:
+    """Write `data` in the data set's official pickle layout under `root/<its folder>/` (CIFAR-100's
+    coarse labels, which no run reads, are the fine ones // 5)."""
+    src = source(dataset)
+    folder = Path(root) / src.folder
     folder.mkdir(parents=True, exist_ok=True)
-    parts = zip(np.array_split(data.train_x, 5), np.array_split(data.train_y, 5))
-    for name, (x, y) in zip(TRAIN_BATCHES + [TEST_BATCH], [*parts, (data.test_x, data.test_y)]):
+    n = len(src.train)
+    parts = zip(np.array_split(data.train_x, n), np.array_split(data.train_y, n))
+    for name, (x, y) in zip([*src.train, src.test], [*parts, (data.test_x, data.test_y)]):
         batch = {
             b"batch_label": name.encode(),
-            b"labels": [int(v) for v in y],
+            src.labels: [int(v) for v in y],
             b"data": np.ascontiguousarray(x.reshape(len(x), 3072), dtype=np.uint8),
             b"filenames": [f"{name}_{i}.png".encode() for i in range(len(x))],
         }
+        if src.labels == b"fine_labels":
+            batch[b"coarse_labels"] = [int(v) // 5 for v in y]
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
     return folder
 
 
-def synthetic(n_train: int = 500, n_test: int = 100, seed: int = 0) -> Cifar10:
+def write_cifar10(root: str | Path, data: CifarData) -> Path:
+    return write(root, data, "cifar10")
+
+
+def synthetic(n_train: int = 500, n_test: int = 100, seed: int = 0, classes: int = 10) -> CifarData:
     """Random CIFAR-shaped data that a net can learn: each class has its own mean colour and
-    stripe pattern under noise. For tests and benchmarks where real CIFAR-10 is absent."""
+    stripe pattern under noise. For tests and benchmarks where real CIFAR is absent."""
     rng = np.random.default_rng(seed)
     ii, jj = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
-    colours = rng.uniform(60, 200, size=(10, 3, 1, 1))
-    patterns = np.stack([np.sin((ii * (k % 5 + 1) + jj * (k // 5 + 1)) / 3.0) for k in range(10)])
+    colours = rng.uniform(60, 200, size=(classes, 3, 1, 1))
+    patterns = np.stack([np.sin((ii * (k % 5 + 1) + jj * (k // 5 % 5 + 1)) / 3.0 + k // 25)
+                         for k in range(classes)])
 
     def draw(n):
-        y = rng.integers(0, 10, size=n)
+        y = rng.integers(0, classes, size=n)
         x = colours[y] + 40 * patterns[y][:, None] + rng.normal(0, 40, size=(n, 3, 32, 32))
         return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
 
-    return Cifar10(*draw(n_train), *draw(n_test))
+    return CifarData(*draw(n_train), *draw(n_test))
 
 
-def fingerprint(data: Cifar10) -> str:
+def fingerprint(data: CifarData) -> str:
     """sha256 (16 hex digits) of the images and labels: the data's identity, whatever its source
     (the official tarball, another one, generated). 0.25-0.35 s for all 60,000 images on our 2-core CPU."""
     digest = hashlib.sha256()
@@ -134,55 +201,71 @@ def md5sum(path: str | Path) -> str:
         return hashlib.file_digest(f, "md5").hexdigest()
 
 
-def download(root: str | Path, url: str = URL, md5: str = MD5) -> Path:
+def download(root: str | Path, url: str | None = None, md5: str | None = None, dataset: str = DEFAULT) -> Path:
     """Fetch the tarball into `root` with a progress bar and check its md5 (torchvision's helper).
     The pipeline downloads through `dvc update data.dvc`; this is for use without DVC."""
     from torchvision.datasets.utils import download_url
 
-    path = Path(root) / TARBALL
+    src = source(dataset)
+    url, md5 = url or src.url, md5 or src.md5
+    path = Path(root) / src.tarball
     try:
-        download_url(url, str(root), filename=TARBALL, md5=md5)
+        download_url(url, str(root), filename=src.tarball, md5=md5)
     except RuntimeError:  # torchvision's "File not found or corrupted." after an md5 mismatch
         got = md5sum(path) if path.exists() else "nothing"
         path.unlink(missing_ok=True)
         raise ValueError(f"download from {url} has md5 {got}, expected {md5}; deleted it, retry") from None
     except OSError as e:
-        raise ConnectionError(f"could not download {url} ({e}). Offline? {HOW_TO_GET}") from None
+        raise ConnectionError(f"could not download {url} ({e}). Offline? {src.how_to_get}") from None
     return path
 
 
-def md5_mismatch(tarball: str | Path, got: str, expected: str, pinned: str | None = None) -> str:
+def md5_key(src: Source) -> str:
+    """Where params.yaml keeps the md5 a data set's tarball must have: data.md5, data.cifar100.md5
+    (replicate.pipeline.data_section)."""
+    return "data.md5" if src is DATASETS[DEFAULT] else f"data.{key_of(src)}.md5"
+
+
+def md5_mismatch(tarball: str | Path, got: str, expected: str, pinned: str | None = None,
+                 src: Source = DATASETS[DEFAULT]) -> str:
     """Why a tarball with md5 `got` fails data.md5 (`expected`). A mistyped data.md5 is as likely
     as a bad tarball, and deleting a good one offline loses the only copy: a tarball that is the
     pinned (data.dvc) or the official one is never called corrupt."""
-    head = f"{tarball} has md5 {got}, expected {expected} (data.md5 in params.yaml)."
+    key = md5_key(src)
+    const = "replicate.data.MD5" if src is DATASETS[DEFAULT] else f"replicate.data.DATASETS['{key_of(src)}'].md5"
+    official = f"the official {src.name} tarball's is {const}, {src.md5}"
+    head = f"{tarball} has md5 {got}, expected {expected} ({key} in params.yaml)."
     if got == pinned:
-        official = "" if got == MD5 else f" (the official CIFAR-10 tarball's is replicate.data.MD5, {MD5})"
-        return (f"{head} The tarball is the one data.dvc pins, so data.md5 is wrong: set it back to {got} in "
-                f"params.yaml{official}; keep the tarball.")
-    if got == MD5:
-        return (f"{head} The tarball is the official CIFAR-10 one (replicate.data.MD5), not a corrupt file: keep "
-                f"it. If you edited data.md5, set it back to {MD5}; if not, put the tarball with md5 {expected} "
-                f"in its place.")
-    pin = f"{pinned}, the md5 data.dvc pins; " if pinned and pinned != expected else ""
-    return (f"{head} Either data.md5 was edited: put back the right one ({pin}the official CIFAR-10 tarball's "
-            f"is replicate.data.MD5, {MD5}). Or data.md5 is right and the tarball is corrupt, truncated or "
-            f"another file: only then delete it and run `make repro` to fetch it again.")
+        also = "" if got == src.md5 else f" ({official})"
+        return (f"{head} The tarball is the one {src.pin} pins, so {key} is wrong: set it back to {got} in "
+                f"params.yaml{also}; keep the tarball.")
+    if got == src.md5:
+        return (f"{head} The tarball is the official {src.name} one ({const}), not a corrupt file: keep it. If you "
+                f"edited {key}, set it back to {src.md5}; if not, put the tarball with md5 {expected} in its place.")
+    pin = f"{pinned}, the md5 {src.pin} pins; " if pinned and pinned != expected else ""
+    return (f"{head} Either {key} was edited: put back the right one ({pin}{official}). Or {key} is right and "
+            f"the tarball is corrupt, truncated or another file: only then delete it and run `make repro` to fetch "
+            f"it again.")
 
 
 def pinned_md5(tarball: str | Path) -> str | None:
-    """The md5 that data.dvc (beside data/, where DVC's stages run) pins for `tarball`, if it pins it."""
+    """The md5 that a .dvc file beside data/ (where DVC's stages run: data.dvc, data-cifar100.dvc)
+    pins for `tarball`, if one pins it."""
     tarball = Path(tarball)
-    pin = tarball.parent.parent / "data.dvc"
-    try:
-        out = yaml.safe_load(pin.read_text())["outs"][0]
-        return out["md5"] if (pin.parent / out["path"]).resolve() == tarball.resolve() else None
-    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
-        return None
+    for pin in sorted(tarball.parent.parent.glob("*.dvc")):
+        try:
+            out = yaml.safe_load(pin.read_text())["outs"][0]
+            if (pin.parent / out["path"]).resolve() == tarball.resolve():
+                return out["md5"]
+        except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
+            continue
+    return None
 
 
-def prepare(tarball: str | Path, root: str | Path, md5: str = MD5, pinned: str | None = None) -> Path:
-    """Check the tarball's md5, then extract `cifar-10-batches-py/` into `root`.
+def prepare(tarball: str | Path, root: str | Path, md5: str | None = None, pinned: str | None = None,
+            dataset: str = DEFAULT) -> Path:
+    """Check the tarball's md5, then extract the data set's folder (`cifar-10-batches-py/`,
+    `cifar-100-python/`) into `root`.
 
     A tarball is untrusted input, and tarfile's `filter="data"` exists only from Python 3.11.4
     (Debian 12 has 3.11.2), so nothing is extracted by tarfile itself: every member is checked
@@ -190,39 +273,41 @@ def prepare(tarball: str | Path, root: str | Path, md5: str = MD5, pinned: str |
     folder beside the target, renamed into place at the end, so a failure never leaves a
     half-extracted folder behind. `pinned`: the md5 data.dvc pins, named if the md5 differs.
     """
-    tarball, root = Path(tarball), Path(root)
+    src = source(dataset)
+    md5, tarball, root = md5 or src.md5, Path(tarball), Path(root)
     if not tarball.is_file():
-        raise FileNotFoundError(f"no tarball at {tarball}. {HOW_TO_GET}")
+        raise FileNotFoundError(f"no tarball at {tarball}. {src.how_to_get}")
     got = md5sum(tarball)
     if got != md5:
-        raise ValueError(md5_mismatch(tarball, got, md5, pinned))
+        raise ValueError(md5_mismatch(tarball, got, md5, pinned, src))
     root.mkdir(parents=True, exist_ok=True)
-    target = root / FOLDER
+    target = root / src.folder
     with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
-        extracted = Path(tmp) / FOLDER
+        extracted = Path(tmp) / src.folder
         extracted.mkdir()
         try:
             with tarfile.open(tarball, "r:gz") as tar:
-                members = {m.name: m for m in safe_members(tar, tarball)}
-                for name in TRAIN_BATCHES + [TEST_BATCH, META]:
-                    member = members.get(f"{FOLDER}/{name}")
-                    if member is None and name == META:
+                members = {m.name: m for m in safe_members(tar, tarball, src)}
+                for name in [*src.train, src.test, src.meta]:
+                    member = members.get(f"{src.folder}/{name}")
+                    if member is None and name == src.meta:
                         continue  # torchvision's CIFAR10 reads it; our loader does not need it
                     if member is None or not member.isfile():
-                        raise ValueError(f"{tarball} has no file {FOLDER}/{name}: it is not the CIFAR-10 python tarball")
-                    with tar.extractfile(member) as src, open(extracted / name, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+                        raise ValueError(f"{tarball} has no file {src.folder}/{name}: it is not the {src.name} "
+                                         "python tarball")
+                    with tar.extractfile(member) as f, open(extracted / name, "wb") as dst:
+                        shutil.copyfileobj(f, dst)
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise ValueError(f"{tarball} is not a readable tar.gz ({e}). {HOW_TO_GET}") from None
-        for name in TRAIN_BATCHES + [TEST_BATCH]:
-            read_batch(extracted / name)  # fail now, not in the middle of training
+            raise ValueError(f"{tarball} is not a readable tar.gz ({e}). {src.how_to_get}") from None
+        for name in [*src.train, src.test]:
+            read_batch(extracted / name, src)  # fail now, not in the middle of training
         if target.exists():
             shutil.rmtree(target)
         extracted.rename(target)
     return target
 
 
-def safe_members(tar: tarfile.TarFile, tarball: Path) -> list[tarfile.TarInfo]:
+def safe_members(tar: tarfile.TarFile, tarball: Path, src: Source = DATASETS[DEFAULT]) -> list[tarfile.TarInfo]:
     """Every member, if all are plain files or folders at relative paths without `..`; otherwise a
     ValueError naming the first bad one (links, devices and paths leaving the folder are refused)."""
     members = tar.getmembers()
@@ -233,7 +318,7 @@ def safe_members(tar: tarfile.TarFile, tarball: Path) -> list[tarfile.TarInfo]:
             raise ValueError(
                 f"{tarball} holds an unsafe member {m.name!r} ({kind}): only plain files and folders at "
                 f"relative paths inside the archive are accepted, so nothing was extracted. It is not "
-                f"the official CIFAR-10 tarball; delete it. {HOW_TO_GET}"
+                f"the official {src.name} tarball; delete it. {src.how_to_get}"
             )
     return members
 
@@ -251,7 +336,7 @@ class Split:
     mean: np.ndarray  # (3, 32, 32) float32, in [0, 1] units
 
 
-def split(data: Cifar10, val_size: int = 0, seed: int = 0) -> Split:
+def split(data: CifarData, val_size: int = 0, seed: int = 0) -> Split:
     """Hold out `val_size` training images (the paper's 45k/5k split uses 5000), chosen by `seed`."""
     if not 0 <= val_size < len(data.train_x):
         raise ValueError(f"val_size must be in [0, {len(data.train_x)}), got {val_size}")
@@ -370,7 +455,7 @@ def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m replicate.data prepare TARBALL ROOT [--md5 MD5]`, or `download ROOT`."""
+    """`python -m replicate.data prepare TARBALL ROOT [--md5 MD5] [--dataset cifar100]`, or `download ROOT`."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m replicate.data", description=main.__doc__)
@@ -378,17 +463,20 @@ def main(argv: list[str] | None = None) -> None:
     pp = sub.add_parser("prepare", help="check the tarball's md5 and extract it")
     pp.add_argument("tarball")
     pp.add_argument("root")
-    pp.add_argument("--md5", default=MD5)
+    pp.add_argument("--md5", default=None, help="default: the official tarball's")
     pd = sub.add_parser("download", help="download the official tarball (without DVC)")
     pd.add_argument("root")
-    pd.add_argument("--url", default=URL)
-    pd.add_argument("--md5", default=MD5)
+    pd.add_argument("--url", default=None)
+    pd.add_argument("--md5", default=None)
+    for q in (pp, pd):
+        q.add_argument("--dataset", default=DEFAULT, choices=sorted(DATASETS))
     args = p.parse_args(argv)
     try:
         if args.cmd == "prepare":
-            print(f"prepared {prepare(args.tarball, args.root, args.md5, pinned_md5(args.tarball))}")
+            made = prepare(args.tarball, args.root, args.md5, pinned_md5(args.tarball), args.dataset)
+            print(f"prepared {made}")
         else:
-            print(f"downloaded {download(args.root, args.url, args.md5)}")
+            print(f"downloaded {download(args.root, args.url, args.md5, args.dataset)}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

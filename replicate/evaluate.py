@@ -98,7 +98,7 @@ def architecture(src: Source, arch: str | None, depth: int | None, shortcut: str
     return arch, depth or found["depth"], shortcut or found["shortcut"]
 
 
-def inputs(src: Source, normalize: str, data: cifar.Cifar10, means: dict, device: torch.device) -> torch.Tensor:
+def inputs(src: Source, normalize: str, data: cifar.CifarData, means: dict, device: torch.device) -> torch.Tensor:
     """The normalised test images: the run's per-pixel mean (stored in an export, else from DIR's
     training images split as the run split them), or ImageNet's per-channel normalisation."""
     if normalize == "imagenet":
@@ -109,7 +109,7 @@ def inputs(src: Source, normalize: str, data: cifar.Cifar10, means: dict, device
     return cifar.normalize(data.test_x, mean, device)
 
 
-def training_mean(data: cifar.Cifar10, val_size: int | None, seed: int | None, cache: dict) -> np.ndarray:
+def training_mean(data: cifar.CifarData, val_size: int | None, seed: int | None, cache: dict) -> np.ndarray:
     """The per-pixel mean a run subtracted: that of its training images, `val_size` of them held
     out as chosen by `seed` (data.split). Cached: over 50k images it takes a while."""
     val_size = int(val_size or 0)
@@ -132,7 +132,7 @@ def run_precision(src: Source, device: torch.device) -> str:
     return resolve_precision(device, setting)[0]
 
 
-def evaluate_source(src: Source, data: cifar.Cifar10, device: torch.device, *, arch: str | None = None,
+def evaluate_source(src: Source, data: cifar.CifarData, device: torch.device, *, arch: str | None = None,
                     depth: int | None = None, shortcut: str | None = None, normalize: str | None = None,
                     means: dict | None = None) -> dict:
     """The test error of one PATH on `data`'s test set, with what was evaluated and how."""

@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
-    print("grid: the upstream stages (dvc repro prepare check)", flush=True)
-    if dvc("repro", "prepare", "check", root=root).returncode != 0:
+    upstream = [pipeline.prepare_stage(d) for d in pipeline.datasets(params, profile)] + ["check"]
+    print(f"grid: the upstream stages (dvc repro {' '.join(upstream)})", flush=True)
+    if dvc("repro", *upstream, root=root).returncode != 0:
         sys.exit("error: the upstream stages failed (above); no run was started")
     stages = [f"{profile.stage}@{n}" for n in names]
     todo = pending(stages, root)

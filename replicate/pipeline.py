@@ -46,22 +46,35 @@ CHECKED = "every run of every profile in params.yaml is valid\n"
 
 @dataclass(frozen=True)
 class Run:
-    """One run; `name` is its folder and DVC's stage key: `train@<name>`."""
+    """One run; `name` is its folder and DVC's stage key: `train@<name>`. A run on another data set
+    than CIFAR-10 carries it at the end: preactbottleneck-164-0-cifar100."""
 
     arch: str
     depth: int
     seed: int
+    dataset: str = cifar.DEFAULT
 
     @property
     def name(self) -> str:
-        return f"{self.arch}-{self.depth}-{self.seed}"
+        tail = "" if self.dataset == cifar.DEFAULT else f"-{self.dataset}"
+        return f"{self.arch}-{self.depth}-{self.seed}{tail}"
 
     @classmethod
     def parse(cls, name: str) -> "Run":
-        match = re.fullmatch(r"([a-z][a-z0-9]*)-(\d+)-(\d+)", str(name))
+        match = re.fullmatch(r"([a-z][a-z0-9]*)-(\d+)-(\d+)(?:-([a-z][a-z0-9]*))?", str(name))
         if not match:
-            raise ValueError(f"{name!r} is not a run name: write <arch>-<depth>-<seed>, e.g. resnet-110-0")
-        return cls(match[1], int(match[2]), int(match[3]))
+            raise ValueError(f"{name!r} is not a run name: write <arch>-<depth>-<seed>, e.g. resnet-110-0 "
+                             "(on CIFAR-100: <arch>-<depth>-<seed>-cifar100)")
+        if match[4] == cifar.DEFAULT:
+            raise ValueError(f"{name!r}: a CIFAR-10 run's name has no data set, write {name.rsplit('-', 1)[0]}")
+        try:
+            cifar.source(match[4] or cifar.DEFAULT)
+        except ValueError as e:
+            raise ValueError(f"{name!r}: {e}") from None
+        return cls(match[1], int(match[2]), int(match[3]), match[4] or cifar.DEFAULT)
+
+
+RUN_FIELDS = tuple(f.name for f in dataclasses.fields(Run))  # a run's name, never a key of train
 
 
 @dataclass(frozen=True)
@@ -209,12 +222,15 @@ def config(params: dict, run: Run, profile: Profile | str = "paper") -> Config:
     """The full training config of one run: its profile's protocol plus the run's arch, depth, seed.
     The run must be a net of its profile's paper."""
     paper = _papers().get(_as_profile(profile).paper)
+    if run.dataset not in paper.DATASETS:
+        raise ValueError(f"{paper.TITLE} has no {cifar.source(run.dataset).name} runs: its data sets are "
+                         f"{', '.join(paper.DATASETS)}")
     if run.arch not in paper.NETS:
         known = ", ".join(paper.NETS) if len(paper.NETS) < 5 else "those of docs/sequel.md"
         raise ValueError(f"{run.arch} is not a net of {paper.TITLE}{did_you_mean(run.arch, paper.NETS)} "
                          f"(its nets: {known})")
     protocol = train_params(params, profile)
-    clash = sorted({"arch", "depth", "seed"} & set(protocol))
+    clash = sorted(set(RUN_FIELDS) & set(protocol))
     if clash:
         raise ValueError(f"train.{clash[0]} belongs in the run names of the grid (<arch>-<depth>-<seed>), not in train")
     return Config.from_dict({**protocol, **dataclasses.asdict(run)})
@@ -268,7 +284,7 @@ def run_problems(params: dict) -> list[str]:
 def section_errors(params: dict) -> list[tuple[str, str]]:
     """(params.yaml key, problem) for every unknown protocol key and every value of the wrong type,
     each named once, with the closest known key rather than the whole list."""
-    fields = {f.name for f in dataclasses.fields(Config)} - {"arch", "depth", "seed"}
+    fields = {f.name for f in dataclasses.fields(Config)} - set(RUN_FIELDS)
     sections = dict(kv for profile in profiles() for kv in layers(params, profile))  # each part once
     found = []
     for section, values in sections.items():
@@ -276,7 +292,7 @@ def section_errors(params: dict) -> list[tuple[str, str]]:
             found.append((section, f"must be a mapping of training parameters, got {values!r}"))
             continue
         for key in values:
-            if key in ("arch", "depth", "seed"):
+            if key in RUN_FIELDS:
                 found.append((f"{section}.{key}", "belongs in the run names of the grid (<arch>-<depth>-<seed>)"))
             elif key not in fields:
                 hint = did_you_mean(key, sorted(fields))
@@ -297,12 +313,16 @@ def stage_params(params: dict, stage: str) -> list[str]:
 
     if stage == "check":
         return [p.grid_key for p in profiles()]
+    for dataset in cifar.DATASETS:
+        if stage == prepare_stage(dataset):
+            return [f"{data_section(dataset)}.md5"]
     for profile in profiles():
         if stage == profile.stage:
             return [source(profile, k) for k in train_params(params, profile) if k not in NO_EFFECT]
         if stage == profile.report_stage:  # the runs, and what the caption says of them
             shown = ("iterations", "milestones", "lr", "lr_ramp", "eval_subset") if profile.kind == "quick" else ()
-            return [profile.grid_key, "data.name", "data.md5"] + [source(profile, k) for k in shown]
+            data = [f"{data_section(d)}.{k}" for d in datasets(params, profile) for k in ("name", "md5")]
+            return [profile.grid_key, *data] + [source(profile, k) for k in shown]
     raise ValueError(f"no stage {stage!r} in dvc.yaml")
 
 
@@ -327,9 +347,12 @@ def check_dvc_yaml(params: dict, dvc_yaml: str | Path) -> None:
         spec = stages[stage].get("do", stages[stage])
         differ("declare exactly the params it reads (pipeline.stage_params)", stage,
                spec.get("params", []), stage_params(params, stage))
-    for stage in (p.stage for p in profiles()):  # a checkpoint made by other code is not resumed
-        code = [d for d in stages[stage]["do"].get("deps", []) if d.startswith(("replicate/", "notebooks/"))]
+    for profile in profiles():  # a checkpoint made by other code is not resumed
+        stage, deps = profile.stage, stages[profile.stage]["do"].get("deps", [])
+        code = [d for d in deps if d.startswith(("replicate/", "notebooks/"))]
         differ("depend on exactly the training code (replicate.TRAINING_CODE)", stage, code, list(TRAINING_CODE))
+        folders = [f"data/{cifar.source(d).folder}" for d in datasets(params, profile)]
+        differ("depend on the data of its runs", stage, [d for d in deps if d.startswith("data/")], folders)
 
 
 def notebook_parameters(params: dict, run: Run, data_root: str, out_dir: str, profile: Profile | str = "paper") -> dict:
@@ -404,8 +427,11 @@ def caption(params: dict, profile: Profile | str = "paper") -> str:
     """What a report shows, in its own words: the data (params.yaml's data.name and md5), and for
     the quick look that it is not the paper's protocol."""
     profile = _as_profile(profile)
-    md5 = params["data"].get("md5")
-    data = f"Data: {params['data'].get('name') or 'CIFAR-10'}{f' (md5 {md5})' if md5 else ''}."
+
+    def named(dataset: str) -> str:
+        name, md5 = (data_params(params, dataset).get(k) for k in ("name", "md5"))
+        return f"{name or cifar.source(dataset).name}{f' (md5 {md5})' if md5 else ''}"
+    data = f"Data: {'; '.join(named(d) for d in datasets(params, profile))}."
     if profile.kind != "quick":
         return data
     cfg = config(params, runs(params, profile)[0], profile)
@@ -416,6 +442,30 @@ def caption(params: dict, profile: Profile | str = "paper") -> str:
     return (f"Quick look, not the paper's protocol: {cfg.iterations:,} iterations (the paper: 64,000), "
             f"lr {cfg.lr:g}{ramp}, divided by 10 at {', '.join(f'{m:,}' for m in cfg.milestones)}; {subset}. "
             f"{note + ' ' if note else ''}{data}")
+
+
+def data_section(dataset: str = cifar.DEFAULT) -> str:
+    """Where params.yaml keeps a data set's md5 and name: `data` (CIFAR-10), `data.cifar100`."""
+    return "data" if dataset == cifar.DEFAULT else f"data.{dataset}"
+
+
+def data_params(params: dict, dataset: str = cifar.DEFAULT) -> dict:
+    section = params.get("data") or {}
+    return section if dataset == cifar.DEFAULT else (section.get(dataset) or {})
+
+
+def datasets(params: dict, profile: Profile | str = "paper") -> list[str]:
+    """The data sets a profile's train stage depends on, CIFAR-10 first: every one of its paper's
+    for a paper's grid (its runs may be any), those its runs use for a quick look."""
+    profile = _as_profile(profile)
+    used = set(_papers().get(profile.paper).DATASETS) if profile.kind == "paper" else set()
+    used |= {run.dataset for run in runs(params, profile)}
+    return [d for d in cifar.DATASETS if d in used]
+
+
+def prepare_stage(dataset: str) -> str:
+    """dvc.yaml's stage that checks and extracts a data set's tarball."""
+    return "prepare" if dataset == cifar.DEFAULT else f"prepare-{dataset}"
 
 
 def fetch(md5: str, dvc_file: str | Path = DATA_PIN) -> Path:
@@ -431,8 +481,10 @@ def fetch(md5: str, dvc_file: str | Path = DATA_PIN) -> Path:
     pin = load_yaml(dvc_file)
     url, out = pin["deps"][0]["path"], pin["outs"][0]
     tarball = dvc_file.parent / out["path"]
+    src = next((d for d in cifar.DATASETS.values() if d.tarball == tarball.name), cifar.DATASETS[cifar.DEFAULT])
+    key = cifar.md5_key(src)
     by_hand = (
-        f"Put a copy of the CIFAR-10 python tarball at {tarball.resolve()} (md5 {md5}, "
+        f"Put a copy of the {src.name} python tarball at {tarball.resolve()} (md5 {md5}, "
         f"{out.get('size', '?')} bytes, from {url}), then run `make repro` again: the copy is "
         "checked and used with no download."
     )
@@ -446,26 +498,27 @@ def fetch(md5: str, dvc_file: str | Path = DATA_PIN) -> Path:
             dvc_file.write_text(before)  # dvc update pinned what it got; keep the real pin
     got, pinned = cifar.md5sum(tarball), load_yaml(dvc_file)["outs"][0].get("md5")  # after any dvc update
     if got != md5:
-        raise ValueError(cifar.md5_mismatch(tarball, got, md5, pinned))
+        raise ValueError(cifar.md5_mismatch(tarball, got, md5, pinned, src))
     if pinned and got != pinned:
+        flag = "" if src is cifar.DATASETS[cifar.DEFAULT] else f" --dataset {cifar.key_of(src)}"
         raise ValueError(
-            f"{tarball} has the md5 data.md5 asks for ({got}), but {dvc_file} pins another tarball (md5 "
+            f"{tarball} has the md5 {key} asks for ({got}), but {dvc_file} pins another tarball (md5 "
             f"{pinned}, from {url}), which `dvc repro` would try to fetch. Pin this copy: move it out of data/ "
-            f"(`mv {tarball} ~/`), run `python -m replicate.pipeline import-data ~/{tarball.name}`, keep "
-            f"data.md5 {got} in params.yaml, then run `make repro` (or `make quick`) again.")
+            f"(`mv {tarball} ~/`), run `python -m replicate.pipeline import-data ~/{tarball.name}{flag}`, keep "
+            f"{key} {got} in params.yaml, then run `make repro` (or `make quick`) again.")
     _commit_to_cache(dvc_file)
     return tarball
 
 
-def import_data(source: str, dvc_file: str | Path = DATA_PIN) -> Path:
-    """Pin the tarball at `source` (a URL, or a plain local path: not file://) as `dvc_file`.
+def import_data(source: str, dvc_file: str | Path = DATA_PIN, dataset: str = cifar.DEFAULT) -> Path:
+    """Pin the tarball of `dataset` at `source` (a URL, or a plain local path: not file://) as `dvc_file`.
 
     How data.dvc is made: DVC 3's import-url has no --file, so import into data/, then move the
     .dvc file up beside dvc.yaml with its `outs` path made relative to the new place. The import
     stays frozen: `dvc repro` never downloads, `dvc update data.dvc` does.
     """
     dvc_file = Path(dvc_file)
-    root, out = dvc_file.parent, f"data/{cifar.TARBALL}"
+    root, out = dvc_file.parent, f"data/{cifar.source(dataset).tarball}"
     dvc_file.unlink(missing_ok=True)
     (root / "data").mkdir(exist_ok=True)
     subprocess.run([sys.executable, "-m", "dvc", "import-url", "--force", source, out], cwd=root, check=True)
@@ -507,14 +560,14 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default=PARAMS)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("fetch", help="the tarball of data.dvc: in place, checked, cached").add_argument(
-        "--dvc-file", default=DATA_PIN)
+    pf = sub.add_parser("fetch", help="the tarballs a profile's runs need (data.dvc, ...): in place, checked, cached")
     pc = sub.add_parser("check", help="validate every run of every profile; list the default paper's stage names")
     pc.add_argument("--notebook", default=NOTEBOOK)
     pc.add_argument("--dvc-yaml", default=DVC_YAML)
     pc.add_argument("--stamp", help=f"then write {CHECKED.strip()!r} to this file")
-    sub.add_parser("import-data", help="pin another source of the tarball as data.dvc").add_argument(
-        "source", help="a URL, or a plain local path (not file://)")
+    pi = sub.add_parser("import-data", help="pin another source of the tarball as data.dvc (data-cifar100.dvc)")
+    pi.add_argument("source", help="a URL, or a plain local path (not file://)")
+    pi.add_argument("--dataset", choices=sorted(cifar.DATASETS), default=cifar.DEFAULT)
     pt = sub.add_parser("train", help="run notebooks/train.ipynb for one run")
     pt.add_argument("--run", required=True, help="<arch>-<depth>-<seed>, e.g. resnet-56-0")
     pt.add_argument("--out", required=True)
@@ -524,17 +577,20 @@ def main(argv: list[str] | None = None) -> None:
     pr.add_argument("--results", help="instead: every run below this folder")
     pr.add_argument("--out", help="with --results: the report's folder (default: the profile's)")
     pr.add_argument("--notebook", default=REPORT_NOTEBOOK)
-    for q in (pt, pr):
+    for q in (pt, pr, pf):
         q.add_argument("--paper", choices=sorted(_papers().PAPERS), default=_papers().DEFAULT)
         q.add_argument("--profile", choices=("paper", "quick"), default="paper",
                        help="the paper's grid, or its quick look")
     args = p.parse_args(argv)
     try:
         if args.cmd == "fetch":
-            md5 = load_params(args.params).get("data", {}).get("md5")
-            if not md5:
-                raise ValueError(f"{args.params} has no data.md5: the md5 the tarball must have")
-            print(f"ready: {fetch(md5, args.dvc_file)}")
+            params = load_params(args.params)
+            for dataset in datasets(params, profile_of(args.paper, args.profile)):
+                md5 = data_params(params, dataset).get("md5")
+                if not md5:
+                    raise ValueError(f"{args.params} has no {cifar.md5_key(cifar.source(dataset))}: the md5 the "
+                                     "tarball must have")
+                print(f"ready: {fetch(md5, Path(args.params).parent / cifar.source(dataset).pin)}")
         elif args.cmd == "check":
             for run in check(load_params(args.params), args.notebook, args.dvc_yaml):
                 print(f"train@{run.name}")
@@ -542,7 +598,9 @@ def main(argv: list[str] | None = None) -> None:
                 Path(args.stamp).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.stamp).write_text(CHECKED)
         elif args.cmd == "import-data":
-            print(f"pinned {import_data(args.source)}: check that data.md5 in {args.params} is its md5")
+            src = cifar.source(args.dataset)
+            pinned = import_data(args.source, src.pin, args.dataset)
+            print(f"pinned {pinned}: check that {cifar.md5_key(src)} in {args.params} is its md5")
         elif args.cmd == "report":
             profile = profile_of(args.paper, args.profile)
             print(f"executed {report_stage(args.params, profile, args.notebook, args.results, args.out)}")

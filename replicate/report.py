@@ -26,7 +26,7 @@ from . import code_commit
 from .models import ARCHS, build
 from . import outputs
 
-RUN_KEYS = ["arch", "depth", "shortcut", "seed"]
+RUN_KEYS = ["arch", "depth", "shortcut", "seed", "dataset"]
 HISTORY = ["iteration", "lr", "train_loss", "train_error", "test_error"]
 
 # One colour per depth in every figure: the paper's depths (and 1202) first, any other after them.
@@ -55,6 +55,10 @@ class Runs:
     metrics: pd.DataFrame    # one row per run
     history: pd.DataFrame    # history.csv rows of every run
     responses: pd.DataFrame  # responses.csv rows of every run (layer, std)
+
+    def on(self, dataset: str) -> "Runs":
+        """The runs on one data set: a report never mixes CIFAR-10 and CIFAR-100 runs in a number."""
+        return Runs(*(f[f.dataset == dataset] for f in (self.metrics, self.history, self.responses)))
 
     def select(self, arch: str, depth: int, shortcut: str | None = "A") -> pd.DataFrame:
         """One net's runs; shortcut None: whatever its shortcut (the sequel's nets each have their own)."""
@@ -92,7 +96,8 @@ def collect(results_dir: str | Path, names: list[str] | None = None) -> Runs:
         if not {"arch", "depth", "seed"} <= set(m):
             raise ValueError(f"{path.parent} is not a training run's folder: its run.json (or metrics.json) names no "
                              "arch, depth or seed")
-        key = {"arch": m["arch"], "depth": int(m["depth"]), "shortcut": m.get("shortcut", "A"), "seed": int(m["seed"])}
+        key = {"arch": m["arch"], "depth": int(m["depth"]), "shortcut": m.get("shortcut", "A"), "seed": int(m["seed"]),
+               "dataset": m.get("dataset", "cifar10")}  # runs from before CIFAR-100 are CIFAR-10's
         rows.append({**key, "params": m.get("params"), "iterations": m.get("iterations"),
                      "train_error": m.get("train_error"), "test_error": m.get("test_error"),
                      "diverged": bool(m.get("diverged")), "diverged_at": m.get("diverged_at"),
@@ -106,7 +111,8 @@ def collect(results_dir: str | Path, names: list[str] | None = None) -> Runs:
         {"depth": int, "seed": int, "diverged": bool, "test_error": float, "train_error": float})
     twice = metrics[metrics.duplicated(RUN_KEYS, keep=False)]
     if len(twice):
-        raise ValueError(f"several run folders hold the same run (arch, depth, shortcut, seed): {sorted(twice.run)}")
+        raise ValueError(f"several run folders hold the same run (arch, depth, shortcut, seed, dataset): "
+                         f"{sorted(twice.run)}")
     metrics = metrics.sort_values(RUN_KEYS, key=_arch_order).reset_index(drop=True)
     history = pd.concat(hists, ignore_index=True) if hists else pd.DataFrame(columns=RUN_KEYS + HISTORY)
     responses = pd.concat(resps, ignore_index=True) if resps else pd.DataFrame(columns=RUN_KEYS + ["layer", "std"])

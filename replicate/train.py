@@ -47,6 +47,7 @@ class Config:
     depth: int = 20
     shortcut: str | None = "A"     # None: each net's own (the sequel's bottlenecks: 1x1 projections)
     seed: int = 0
+    dataset: str = "cifar10"       # cifar10, or cifar100 (the sequel's Table 3): a run's data is part of its identity
     iterations: int = 64_000
     milestones: list[int] = field(default_factory=lambda: [32_000, 48_000])
     lr: float = 0.1
@@ -74,6 +75,7 @@ class Config:
         for name, problem in type_errors(dataclasses.asdict(self)):
             raise ValueError(f"{name} {problem}")
         check_depth(self.arch, self.depth, self.shortcut)
+        cifar.source(self.dataset)
         self.milestones = list(self.milestones)
         if self.warmup is None:
             self.warmup = self.depth >= 110
@@ -241,7 +243,7 @@ class Engine:
         return autocast(self.device.type, self.precision)
 
 
-def make_engine(cfg: Config, dataset: cifar.Cifar10) -> Engine:
+def make_engine(cfg: Config, dataset: cifar.CifarData) -> Engine:
     """Data on the device, the net, SGD and the paper's schedule for `cfg`, weights initialised from
     cfg.seed, and the step compiled where that pays."""
     device = pick_device(cfg.device)
@@ -253,7 +255,8 @@ def make_engine(cfg: Config, dataset: cifar.Cifar10) -> Engine:
     ds = cifar.split(dataset, cfg.val_size, cfg.seed)
     loader = cifar.CifarLoader(ds.train_x, ds.train_y, ds.mean, cfg.batch_size, cfg.seed, device, memory_format)
     torch.manual_seed(cfg.seed)  # the weight init
-    model = build(cfg.arch, cfg.depth, shortcut=cfg.shortcut, bn_batch_size=cfg.bn_batch_size).to(
+    model = build(cfg.arch, cfg.depth, shortcut=cfg.shortcut, bn_batch_size=cfg.bn_batch_size,
+                  num_classes=cifar.source(cfg.dataset).classes).to(
         device, memory_format=memory_format)
     optimizer = make_optimizer(model, cfg, device)
     schedule = PaperSchedule(cfg.milestones, cfg.warmup_lr / cfg.lr, warming=cfg.warmup, ramp=cfg.lr_ramp,
@@ -278,14 +281,15 @@ class Result:
 
 
 def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path | None = None, *,
-          dataset: cifar.Cifar10 | None = None, progress: bool = True) -> Result:
+          dataset: cifar.CifarData | None = None, progress: bool = True) -> Result:
     """Train one network by the paper's protocol; resume from `out_dir/checkpoint.pt` if present.
 
     Writes into `out_dir` (if given): checkpoint.pt, and at the end metrics.json, history.csv,
     responses.csv (Fig. 7) and model.pt (final weights). `dataset` replaces `data_root` in tests.
     """
     clock = time.perf_counter()
-    dataset = dataset if dataset is not None else cifar.load_cifar10(data_root)
+    dataset = dataset if dataset is not None else cifar.load(data_root, cfg.dataset)
+    check_labels(dataset, cfg.dataset)
     engine = make_engine(cfg, dataset)
     made = checkpoint.made_by({k: v for k, v in dataclasses.asdict(cfg).items() if k not in NO_EFFECT},
                               cifar.fingerprint(dataset), code_fingerprint(), engine.device.type)
@@ -323,6 +327,14 @@ def train(cfg: Config, data_root: str | Path | None = None, out_dir: str | Path 
     if out is not None:
         write_outputs(out, result)
     return result
+
+
+def check_labels(data: cifar.CifarData, dataset: str) -> None:
+    """Labels beyond the net's classes would index past its last layer: name the mix-up instead."""
+    classes, top = cifar.source(dataset).classes, int(max(data.train_y.max(), data.test_y.max()))
+    if top >= classes:
+        raise ValueError(f"the data has labels up to {top}, but the run's dataset {dataset} has {classes} classes: "
+                         f"train it with the dataset its data is ({', '.join(cifar.DATASETS)})")
 
 
 def step(engine: Engine, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,6 +457,7 @@ def final_result(engine: Engine, cfg: Config, state: dict, made: dict) -> Result
     ds, model = engine.split, engine.model
     metrics = {
         "arch": cfg.arch, "depth": cfg.depth, "shortcut": getattr(model, "shortcut", cfg.shortcut), "seed": cfg.seed,
+        "dataset": cfg.dataset,
         "params": sum(p.numel() for p in model.parameters()),
         "iterations": state["iteration"],
         "train_error": None if diverged else last.get("train_error"),
@@ -479,7 +492,7 @@ def write_outputs(out: Path, result: Result) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Train one net from the command line: `python -m replicate.train --arch resnet --depth 20 ...`."""
     p = argparse.ArgumentParser(prog="python -m replicate.train", description=main.__doc__)
-    p.add_argument("--data", default="data", help="root holding cifar-10-batches-py/")
+    p.add_argument("--data", default="data", help="root holding cifar-10-batches-py/ (cifar-100-python/)")
     p.add_argument("--out", default=None, help="run folder (checkpoint, metrics, history)")
     p.add_argument("--params", default=None, help="params.yaml whose `train` section sets the protocol")
     flag = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731

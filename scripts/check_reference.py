@@ -27,7 +27,7 @@ def main(folder: str) -> None:
     if not checkpoints:
         sys.exit(f"error: no resnet*.th in {folder}: pass the reference folder")
     with tempfile.TemporaryDirectory() as tmp:
-        data.write_cifar10(tmp, data.Cifar10(sample["train_x"], sample["train_y"].astype(np.int64),
+        data.write_cifar10(tmp, data.CifarData(sample["train_x"], sample["train_y"].astype(np.int64),
                                              sample["test_x"], sample["test_y"].astype(np.int64)))
         evaluate.main([*checkpoints, "--data", tmp, "--normalize", "imagenet"])
 

@@ -122,7 +122,7 @@ def prepare_data(sample: str | None, root: Path, sizes: Sizes) -> tuple[Path, st
     speed of a step does not depend on the pixels)."""
     if sample:
         arrays = np.load(sample)
-        cifar.write_cifar10(root, cifar.Cifar10(arrays["train_x"], arrays["train_y"].astype(np.int64),
+        cifar.write_cifar10(root, cifar.CifarData(arrays["train_x"], arrays["train_y"].astype(np.int64),
                                                 arrays["test_x"], arrays["test_y"].astype(np.int64)))
         return root, f"real CIFAR-10 sample {Path(sample).name}: {len(arrays['train_y'])} train, {len(arrays['test_y'])} test images"
     cifar.write_cifar10(root, cifar.synthetic(sizes.n_train, sizes.n_test, seed=0))

@@ -16,19 +16,25 @@ ROOT = Path(__file__).resolve().parents[1]
 collect_ignore = ["fixtures"]
 
 
-def make_tarball(path: Path, dataset: cifar.Cifar10) -> Path:
-    """A tar.gz laid out like the official cifar-10-python.tar.gz, holding `dataset`."""
+def make_tarball(path: Path, dataset: cifar.CifarData, name: str = "cifar10") -> Path:
+    """A tar.gz laid out like the official cifar-10-python.tar.gz (cifar-100-python.tar.gz), holding `dataset`."""
     staging = path.parent / f".{path.name}.staging"
-    folder = cifar.write_cifar10(staging, dataset)
+    folder = cifar.write(staging, dataset, name)
     with tarfile.open(path, "w:gz") as tar:
-        tar.add(folder, arcname=cifar.FOLDER)
+        tar.add(folder, arcname=cifar.source(name).folder)
     return path
 
 
 @pytest.fixture(scope="session")
-def small_dataset() -> cifar.Cifar10:
+def small_dataset() -> cifar.CifarData:
     """500 training and 100 test images of learnable synthetic data."""
     return cifar.synthetic(500, 100, seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_cifar100() -> cifar.CifarData:
+    """500 training and 200 test images of 100 learnable synthetic classes."""
+    return cifar.synthetic(500, 200, seed=1, classes=100)
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +68,7 @@ class Interrupted(Exception):
     """What kills a run in `train_until_first_checkpoint`."""
 
 
-def train_until_first_checkpoint(cfg: "engine.Config", out_dir: Path, dataset: cifar.Cifar10) -> None:
+def train_until_first_checkpoint(cfg: "engine.Config", out_dir: Path, dataset: cifar.CifarData) -> None:
     """Train `cfg` into `out_dir` and stop it right after its first checkpoint, as a kill would:
     the folder holds checkpoint.pt alone."""
     real_save = engine.save

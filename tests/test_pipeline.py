@@ -21,7 +21,7 @@ from replicate import export, grid, pipeline
 from replicate.train import Config
 
 ROOT = Path(__file__).resolve().parents[1]
-GRID_FIELDS = {"arch", "depth", "seed"}
+GRID_FIELDS = {"arch", "depth", "seed", "dataset"}  # a run's name: pipeline.RUN_FIELDS
 
 
 @pytest.fixture(scope="module")
@@ -399,11 +399,11 @@ def test_fetch_says_to_pin_a_copy_by_hand_that_data_dvc_does_not_pin(offline_rep
 def test_fetch_command_reads_the_md5_from_params(offline_repo, tmp_path_factory, small_dataset):
     tarball = make_tarball(tmp_path_factory.mktemp("other") / cifar.TARBALL, small_dataset)
     shutil.copy(tarball, offline_repo / "data" / cifar.TARBALL)
-    (offline_repo / "params.yaml").write_text(yaml.safe_dump({"data": {"md5": "0" * 32}, "train": {}, "grid": [], "quick": {},
+    (offline_repo / "params.yaml").write_text(yaml.safe_dump({"data": {"md5": "0" * 32}, "train": {},
+                                                              "grid": ["resnet-20-0"], "quick": {},
                                                               "he2016": {"quick": {}}}))
-    with pytest.raises(SystemExit, match=r"expected 0{32} \(data.md5 in params.yaml\)"):
-        pipeline.main(["--params", str(offline_repo / "params.yaml"), "fetch",
-                       "--dvc-file", str(offline_repo / "data.dvc")])
+    with pytest.raises(SystemExit, match=r"expected 0{32} \(data.md5 in params.yaml\)"):  # data.dvc beside params.yaml
+        pipeline.main(["--params", str(offline_repo / "params.yaml"), "fetch"])
 
 
 def test_report_captions_name_the_data_and_mark_the_quick_look(params):

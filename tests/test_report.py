@@ -348,7 +348,7 @@ def test_the_quick_report_shows_only_what_the_quick_look_ran(tmp_path):
 def planted(errors: dict, responses: dict | None = None, history: dict | None = None) -> "report.Runs":
     """Runs whose final errors {(arch, depth): (train, test)}, mean responses {(arch, depth): std}
     and histories {(arch, depth): [(iteration, train, test)]} are the given numbers, one seed each."""
-    keys = lambda a, d: {"arch": a, "depth": d, "shortcut": "A", "seed": 0}  # noqa: E731
+    keys = lambda a, d: {"arch": a, "depth": d, "shortcut": "A", "seed": 0, "dataset": "cifar10"}  # noqa: E731
     metrics = pd.DataFrame([{**keys(a, d), "train_error": tr, "test_error": te, "diverged": False}
                             for (a, d), (tr, te) in errors.items()])
     resp = pd.DataFrame([{**keys(a, d), "layer": i, "std": std * f} for (a, d), std in (responses or {}).items()

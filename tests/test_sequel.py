@@ -60,11 +60,11 @@ def test_bottleneck_nets_train_with_their_own_shortcut_not_the_2015_option_a():
 
 # --- the grid --------------------------------------------------------------------------------
 
-def test_the_sequel_grid_is_every_cifar10_cell_of_tables_1_to_3(params):
+def test_the_sequel_grid_is_every_cell_of_tables_1_to_3(params):
     runs = pipeline.runs(params, pipeline.profile_of("2016"))
-    cells = {(arch, depth) for _, _, arch, depth, _ in he2016.rows()}
-    assert {(r.arch, r.depth) for r in runs} == cells and len(runs) == len(cells) == 25
-    assert {r.seed for r in runs} == {0}
+    cells = {(arch, depth, data) for _, _, arch, depth, _, data in he2016.rows()}
+    assert {(r.arch, r.depth, r.dataset) for r in runs} == cells and len(runs) == len(cells) == 29
+    assert {r.seed for r in runs} == {0} and sum(r.dataset == "cifar100" for r in runs) == 4
 
 
 def test_the_sequel_protocol_is_2015_but_its_warmup_and_shortcuts(params):
@@ -131,12 +131,13 @@ def test_papers_are_registered_by_year():
 
 # --- the report ------------------------------------------------------------------------------
 
-def made_up(finals: dict[tuple[str, int], list], iterations: int = 100) -> Runs:
-    """Runs whose final test errors (None: diverged) are given; training error and loss follow."""
+def made_up(finals: dict[tuple, list], iterations: int = 100) -> Runs:
+    """Runs whose final test errors (None: diverged) are given by (arch, depth[, dataset]);
+    training error and loss follow."""
     rows, hist = [], []
-    for (arch, depth), errors in finals.items():
+    for (arch, depth, *data), errors in finals.items():
         for seed, err in enumerate(errors):
-            key = {"arch": arch, "depth": depth, "shortcut": "A", "seed": seed}
+            key = {"arch": arch, "depth": depth, "shortcut": "A", "seed": seed, "dataset": (data or ["cifar10"])[0]}
             rows.append({**key, "params": 1, "iterations": iterations, "train_error": None if err is None else err / 2,
                          "test_error": err, "diverged": err is None, "diverged_at": 50 if err is None else None,
                          "run": f"{arch}-{depth}-{seed}"})
@@ -160,10 +161,32 @@ def test_tables_give_the_median_with_mean_and_std_beside_the_papers():
     assert t.loc[("Table 1", "constant scaling 0, 1")].ours == "fail (35.00)"  # the paper's "fail": above 20%
     assert t.loc[("Table 1", "constant scaling 0, 1")].paper == "fail"
     assert t.loc[("Table 1", "dropout shortcut")].ours == "diverged"
-    assert t.loc[("Table 3", "ResNet-1001, pre-activation")].ours == "missing"
-    assert t.loc[("Table 3", "ResNet-1001, pre-activation")].paper == "4.92"
+    assert t.loc[("Table 3", "ResNet-1001 (CIFAR-10), pre-activation")].ours == "missing"
+    assert t.loc[("Table 3", "ResNet-1001 (CIFAR-10), pre-activation")].paper == "4.92"
     md = he2016.markdown(he2016.table(runs))
     assert len(md) == 3 and md[0].startswith("Table 1: CIFAR-10 test error (%) at the final iteration, the median")
+    assert md[2].startswith("Table 3: CIFAR-10 and CIFAR-100 test error (%)")
+
+
+def test_cifar100_runs_fill_table_3s_cifar100_rows_and_no_cifar10_cell():
+    runs = made_up({("preactbottleneck", 164): [5.5], ("preactbottleneck", 164, "cifar100"): [24.0, 25.0],
+                    ("bottleneck", 1001, "cifar100"): [30.0]})
+    t = he2016.table(runs).set_index(["table", "case"])
+    assert t.loc[("Table 3", "ResNet-164 (CIFAR-10), pre-activation")].ours == "5.50"
+    c100 = t.loc[("Table 3", "ResNet-164 (CIFAR-100), pre-activation")]
+    assert c100.ours == "24.50 (24.50±0.71, 2 runs)" and c100.paper == "24.33" and c100.net == "preactbottleneck-164-cifar100"
+    assert t.loc[("Table 2", "full pre-activation")].set_index("net").loc["preactbottleneck-164"].ours == "5.50"
+    # the paper's "fail" (above 20%) is CIFAR-10's: CIFAR-100's errors are all above it
+    assert t.loc[("Table 3", "ResNet-1001 (CIFAR-100), original")].ours == "30.00"
+    assert he2016.verdicts(runs)[-2:] == [
+        "full pre-activation beats the original on CIFAR-100 (ResNet-164, Table 3): unknown (nothing to compare: "
+        "bottleneck-164 missing)",
+        "full pre-activation beats the original on CIFAR-100 (ResNet-1001, Table 3): unknown (preactbottleneck-1001 "
+        "missing)"]
+    both = made_up({("preactbottleneck", 1001, "cifar100"): [23.0], ("bottleneck", 1001, "cifar100"): [28.0],
+                    ("bottleneck", 1001): [5.0]})  # a CIFAR-10 run never stands in for a CIFAR-100 one
+    assert he2016.verdicts(both)[-1].endswith("(ResNet-1001, Table 3): yes (preactbottleneck-1001 23.00% vs "
+                                              "bottleneck-1001 28.00%)")
 
 
 def test_verdicts_answer_each_claim_from_the_medians():
@@ -209,7 +232,7 @@ def test_figures_and_tables_are_written(tmp_path):
     runs = made_up({("resnet", 110): [6.6], ("bnafter", 110): [8.1]})
     texts = he2016.tables(runs, tmp_path, "a note")
     assert (tmp_path / "tables.md").read_text().endswith("a note\n") and len(texts) == 3
-    assert pd.read_csv(tmp_path / "tables.csv").shape[0] == 30  # 25 nets; some in two tables
+    assert pd.read_csv(tmp_path / "tables.csv").shape[0] == 34  # 29 nets; some in two tables
     paths = he2016.figures(runs, tmp_path, "a note")
     assert [p.name for p in paths] == ["fig1.png", "fig3.png", "fig6.png"] and all(p.stat().st_size > 0 for p in paths)
     quick = he2016.figures(made_up({("resnet", 56): [50.0]}), tmp_path / "q", "", "quick")
@@ -217,9 +240,10 @@ def test_figures_and_tables_are_written(tmp_path):
 
 
 def test_the_papers_numbers_are_the_specs():
-    # PAPER2016.md's Tables 1-3 (CIFAR-10): a wrong constant fails here
+    # PAPER2016.md's Tables 1-3: a wrong constant fails here
     assert he2016.PAPER_TABLE1["exclusive gating b_g=-6"] == 8.70 and he2016.PAPER_TABLE1["dropout shortcut"] == "fail"
     assert he2016.PAPER_TABLE2["full pre-activation"] == (6.37, 5.46)
-    assert [row[3][1] for row in he2016.PAPER_TABLE3] == [8.91, 6.37, 5.46, 4.92]
+    assert [row[4][1] for row in he2016.PAPER_TABLE3] == [8.91, 6.37, 5.46, 4.92, 24.33, 22.71]
+    assert [row[3][1] for row in he2016.PAPER_TABLE3] == [9.90, 6.61, 5.93, 7.61, 25.16, 27.82]
     assert set(he2016.PAPER_TABLE1) == set(preact.TABLE1) and set(he2016.PAPER_TABLE2) == set(preact.TABLE2)
     assert not math.isnan(he2016.FAIL)

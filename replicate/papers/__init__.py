@@ -7,6 +7,7 @@ A paper module defines:
     TITLE        what the reports call it
     SECTION      params.yaml section with its `train` changes, `grid` and `quick`; None: the top level
     NETS         the arch names its runs may use
+    DATASETS     the data sets its runs may train on (replicate.data.DATASETS keys)
     QUICK_NOTE   what its quick look's caption adds (how it differs from the paper's nets)
     OUTPUTS      kind -> the files its report writes besides report.ipynb and verdicts.md
     tables(runs, out, note, kind), figures(runs, out, note, kind), verdicts(runs, kind)

@@ -27,6 +27,7 @@ YEAR = "2015"
 TITLE = "He et al. 2015, Deep Residual Learning for Image Recognition (arXiv:1512.03385)"
 SECTION = None     # params.yaml's top level: train, grid, quick
 NETS = ARCHS       # what its runs may be: plain and resnet
+DATASETS = ("cifar10",)  # what they train on (replicate.data.DATASETS)
 QUICK_NOTE = ""    # its quick look runs the paper's depths 20 and 56: nothing to add to the caption
 _FILES = ("table6.csv", "table6.md", "table6.json", "fig1.png", "fig6.png", "fig7.png")
 OUTPUTS = {"paper": _FILES, "quick": _FILES}
@@ -34,13 +35,14 @@ OUTPUTS = {"paper": _FILES, "quick": _FILES}
 
 def tables(runs: Runs, out: Path, note: str, kind: str = "paper") -> list[str]:
     """Table 6, written to `out` (csv, md, json); returned as markdown."""
-    table = table6(runs, kind)
+    table = table6(runs.on("cifar10"), kind)
     write_table(table, out, note, kind)
     return [table6_markdown(table, kind)]
 
 
 def figures(runs: Runs, out: Path, note: str, kind: str = "paper") -> list[Path]:
     """Figures 6, 1 and 7 as PNGs in `out`."""
+    runs = runs.on("cifar10")
     return [save(fig(runs, kind), Path(out) / f"{fig.__name__}.png", note) for fig in (fig6, fig1, fig7)]
 
 
@@ -362,6 +364,7 @@ def verdicts(runs: Runs, profile: str = "paper") -> list[str]:
 
     The quick look answers only what its runs can: Table 6's ordering needs the paper's whole
     schedule, and a claim about nets it does not run is "not tested by the quick look"."""
+    runs = runs.on("cifar10")
     fig1 = [degradation(runs, "train_error"), degradation(runs, "test_error"), residual_fix(runs, "train_error"),
             residual_fix(runs, "test_error")]
     if profile == "paper":

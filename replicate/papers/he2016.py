@@ -1,4 +1,4 @@
-"""He et al. 2016, "Identity Mappings in Deep Residual Networks" (arXiv:1603.05027), CIFAR-10.
+"""He et al. 2016, "Identity Mappings in Deep Residual Networks" (arXiv:1603.05027), CIFAR-10 and -100.
 
 This paper's place: its runs (params.yaml's `he2016` section: the protocol's changes, the grid of
 Tables 1 to 3, the quick look), its report (Tables 1 to 3 as the median of the runs with mean and
@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from ..data import source
 from ..preact import ARCHS, TABLE1, TABLE2
 from ..report import TEST_STYLE, TRAIN_STYLE, Runs, _figure, _markdown, _yes, save
 
@@ -24,10 +25,11 @@ YEAR = "2016"
 TITLE = "He et al. 2016, Identity Mappings in Deep Residual Networks (arXiv:1603.05027)"
 SECTION = "he2016"
 NETS = ("resnet", *ARCHS)
+DATASETS = ("cifar10", "cifar100")  # Table 3's ResNet-164 and -1001 also on CIFAR-100
 QUICK_NOTE = "Nets of 56 layers (the paper's: 110 and 164), no warm-up (the paper's: 400 iterations at lr 0.01)."
 OUTPUTS = {"paper": ("tables.csv", "tables.md", "tables.json", "fig1.png", "fig3.png", "fig6.png"),
            "quick": ("tables.csv", "tables.md", "tables.json", "quick.png")}
-FAIL = 20.0   # the paper's "fail": a test error above 20%
+FAIL = 20.0   # the paper's "fail": a CIFAR-10 test error above 20%
 
 # The paper's CIFAR-10 test errors (%), median of 5 runs ("fail": above 20%), by row.
 PAPER_TABLE1 = {"original": 6.61, "constant scaling 0, 1": "fail", "constant scaling 0.5, 1": "fail",
@@ -37,11 +39,13 @@ PAPER_TABLE1 = {"original": 6.61, "constant scaling 0, 1": "fail", "constant sca
                 "dropout shortcut": "fail"}
 PAPER_TABLE2 = {"original": (6.61, 5.93), "BN after addition": (8.17, 6.50), "ReLU before addition": (7.84, 6.14),
                 "ReLU-only pre-activation": (6.71, 5.91), "full pre-activation": (6.37, 5.46)}
-# Table 3, CIFAR-10 rows: net, depth, (original arch, its error), (pre-activation arch, its error).
-PAPER_TABLE3 = [("ResNet-110, 1-layer skip", 110, ("onelayer", 9.90), ("preactonelayer", 8.91)),
-                ("ResNet-110", 110, ("resnet", 6.61), ("preact", 6.37)),
-                ("ResNet-164", 164, ("bottleneck", 5.93), ("preactbottleneck", 5.46)),
-                ("ResNet-1001", 1001, ("bottleneck", 7.61), ("preactbottleneck", 4.92))]
+# Table 3: data, net, depth, (original arch, its error), (pre-activation arch, its error).
+PAPER_TABLE3 = [("cifar10", "ResNet-110, 1-layer skip", 110, ("onelayer", 9.90), ("preactonelayer", 8.91)),
+                ("cifar10", "ResNet-110", 110, ("resnet", 6.61), ("preact", 6.37)),
+                ("cifar10", "ResNet-164", 164, ("bottleneck", 5.93), ("preactbottleneck", 5.46)),
+                ("cifar10", "ResNet-1001", 1001, ("bottleneck", 7.61), ("preactbottleneck", 4.92)),
+                ("cifar100", "ResNet-164", 164, ("bottleneck", 25.16), ("preactbottleneck", 24.33)),
+                ("cifar100", "ResNet-1001", 1001, ("bottleneck", 27.82), ("preactbottleneck", 22.71))]
 FIG3 = ["resnet", "scaling05x05", "exclusivegatingneg6", "shortcutgating0", "convshortcut"]  # at 110
 
 # The claims the quick look shows (docs/sequel.md, "The quick look": measured over seeds on real
@@ -62,20 +66,27 @@ NOT_QUICK = [
 ]
 
 
-def rows() -> list[tuple[str, str, str, int, object]]:
-    """(table, case, arch, depth, the paper's error) of every cell of Tables 1 to 3 (CIFAR-10)."""
-    cells = [("Table 1", case, arch, 110, PAPER_TABLE1[case]) for case, arch in TABLE1.items()]
+def rows() -> list[tuple[str, str, str, int, object, str]]:
+    """(table, case, arch, depth, the paper's error, data set) of every cell of Tables 1 to 3."""
+    cells = [("Table 1", case, arch, 110, PAPER_TABLE1[case], "cifar10") for case, arch in TABLE1.items()]
     for case, archs in TABLE2.items():
-        cells += [("Table 2", case, arch, d, err) for arch, d, err in zip(archs, (110, 164), PAPER_TABLE2[case])]
-    for net, d, (orig, e_orig), (pre, e_pre) in PAPER_TABLE3:
-        cells += [("Table 3", f"{net}, original", orig, d, e_orig), ("Table 3", f"{net}, pre-activation", pre, d, e_pre)]
+        cells += [("Table 2", case, arch, d, err, "cifar10") for arch, d, err in zip(archs, (110, 164), PAPER_TABLE2[case])]
+    for data, net, d, (orig, e_orig), (pre, e_pre) in PAPER_TABLE3:
+        net = f"{net} ({source(data).name})"
+        cells += [("Table 3", f"{net}, original", orig, d, e_orig, data),
+                  ("Table 3", f"{net}, pre-activation", pre, d, e_pre, data)]
     return cells
 
 
-def _paper_row(arch: str) -> tuple[str, object]:
+def net(arch: str, depth: int, dataset: str = "cifar10") -> str:
+    """A net as its runs are named: preact-110, preactbottleneck-164-cifar100."""
+    return f"{arch}-{depth}" + ("" if dataset == "cifar10" else f"-{dataset}")
+
+
+def _paper_row(arch: str, dataset: str = "cifar10") -> tuple[str, object]:
     """The first cell of Tables 1 to 3 that runs `arch` at the paper's depth: (where, the paper's error)."""
-    for table, case, a, d, err in rows():
-        if a == arch:
+    for table, case, a, d, err, data in rows():
+        if a == arch and data == dataset:
             return f"{table}, {case}, {d} layers", err
     return "", None
 
@@ -123,22 +134,30 @@ def table(runs: Runs, kind: str = "paper") -> pd.DataFrame:
     beside the paper's, then any other net that has runs. The quick look's: each net it ran, final
     training and test error."""
     if kind == "paper":
-        found, cells = [], {(arch, depth) for _, _, arch, depth, _ in rows()}
-        others = [("Other runs", f"{a}-{d}", a, d, None) for a, d in ran(runs) if (a, d) not in cells]
-        for table_name, case, arch, depth, paper in rows() + others:
-            s = stats(runs, arch, depth)
-            found.append({"table": table_name, "case": case, "net": f"{arch}-{depth}", "ours": s["text"],
-                          **{k: s[k] for k in ("runs", "diverged", "median", "mean", "std")},
+        found, cells = [], {(arch, depth, data) for _, _, arch, depth, _, data in rows()}
+        others = [("Other runs", net(a, d, data), a, d, None, data) for data in DATASETS
+                  for a, d in ran(runs.on(data)) if (a, d, data) not in cells]
+        for table_name, case, arch, depth, paper, data in rows() + others:
+            s = stats(runs.on(data), arch, depth, fail=data == "cifar10")  # CIFAR-100's errors are all above FAIL
+            found.append({"table": table_name, "case": case, "net": net(arch, depth, data), "data": source(data).name,
+                          "ours": s["text"], **{k: s[k] for k in ("runs", "diverged", "median", "mean", "std")},
                           "paper": _paper_text(paper)})
         return pd.DataFrame(found)
     found = []
+    for data in DATASETS:
+        found += _quick_rows(runs.on(data), data)
+    return pd.DataFrame(found)
+
+
+def _quick_rows(runs: Runs, data: str) -> list[dict]:
+    found = []
     for arch, depth in ran(runs):
-        where, paper = _paper_row(arch)
+        where, paper = _paper_row(arch, data)
         train, test = stats(runs, arch, depth, "train_error"), stats(runs, arch, depth, fail=False)
-        found.append({"net": f"{arch}-{depth}", "train error (%)": train["text"], "test error (%)": test["text"],
+        found.append({"net": net(arch, depth, data), "train error (%)": train["text"], "test error (%)": test["text"],
                       "train_error": train["median"], "test_error": test["median"], "runs": test["runs"],
                       "paper (%)": _paper_text(paper), "paper's cell": where})
-    return pd.DataFrame(found)
+    return found
 
 
 def ran(runs: Runs) -> list[tuple[str, int]]:
@@ -157,7 +176,8 @@ def markdown(t: pd.DataFrame, kind: str = "paper") -> list[str]:
                                              right=set())]
     out = []
     for name, part in t.groupby("table", sort=False):
-        caption = (f"{name}: CIFAR-10 test error (%) at the final iteration, the median over seeds (mean±std with "
+        data = " and ".join(dict.fromkeys(part.data))
+        caption = (f"{name}: {data} test error (%) at the final iteration, the median over seeds (mean±std with "
                    f"several), as the paper reports them; 'fail' is above {FAIL:g}%."
                    if name != "Other runs" else "Other runs: nets that are in none of the paper's tables.")
         out.append(f"{caption}\n\n" + _markdown(part[["case", "net", "ours", "paper"]].rename(
@@ -210,7 +230,9 @@ def curves(ax, runs: Runs, nets: list[tuple[str, int]], title: str = "", colours
 
 def figures(runs: Runs, out: Path, note: str, kind: str = "paper") -> list[Path]:
     """The paper's: Fig. 1 right (ResNet-1001), Fig. 3 (Table 1's variants), Fig. 6 (ResNet-110
-    BN after addition; ResNet-164 pre-activation). The quick look's: one figure of its pairs."""
+    BN after addition; ResNet-164 pre-activation), all on CIFAR-10, as in the paper. The quick
+    look's: one figure of its pairs."""
+    runs = runs.on("cifar10")
     if kind != "paper":
         return [save(_draw(runs, quick_panels(runs)), Path(out) / "quick.png", note)]
     drawn = {"fig1": [([("bottleneck", 1001), ("preactbottleneck", 1001)], "ResNet-1001: original, pre-activation")],
@@ -288,6 +310,7 @@ def quick_verdicts(runs: Runs) -> list[str]:
 def verdicts(runs: Runs, kind: str = "paper") -> list[str]:
     """The paper's claims, each answered yes/no/unknown from the runs, with the medians behind it.
     The quick look answers the claims its short runs show (docs/sequel.md says which, and why)."""
+    runs, c100 = runs.on("cifar10"), runs.on("cifar100")
     if kind != "paper":
         return quick_verdicts(runs)
     table1 = [(a, 110) for a in TABLE1.values() if a != "resnet"]
@@ -307,4 +330,7 @@ def verdicts(runs: Runs, kind: str = "paper") -> list[str]:
     test = beats(runs, ("preactbottleneck", 164), [("bottleneck", 164)])
     lines.append(f"pre-activation ResNet-164 ends with the higher training loss ({loss}) and the lower test error "
                  f"({test})")
+    for depth in (164, 1001):
+        lines.append(f"full pre-activation beats the original on CIFAR-100 (ResNet-{depth}, Table 3): "
+                     f"{beats(c100, ('preactbottleneck', depth), [('bottleneck', depth)])}")
     return lines
