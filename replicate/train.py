@@ -501,8 +501,8 @@ def main(argv: list[str] | None = None) -> None:
             "bn_batch_size": lambda s: None if s.lower() in ("null", "none") else int(s),
             "shortcut": lambda s: None if s.lower() in ("null", "none") else s,
             "compile": lambda s: "auto" if s.lower() == "auto" else flag(s)}
-    for f in dataclasses.fields(Config):
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+    for f in dataclasses.fields(Config):  # absent unless given: `--shortcut null` must set None, not be skipped
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
                        type=kind.get(f.name, type(f.default) if f.default is not dataclasses.MISSING else str))
     args = vars(p.parse_args(argv))
     values = {}
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
             if not isinstance(section, dict):
                 raise ValueError(f"{params} has no train section (see params.yaml)")
             values.update(section)
-        values.update({k: v for k, v in args.items() if v is not None})
+        values.update(args)
         cfg = Config.from_dict(values)
         from .gpus import check_gpus_usable  # here: it cannot change results, so no dep of the stages (dvc.yaml)
 

@@ -192,6 +192,17 @@ def test_cli_trains_from_params_file(tmp_path, cifar_root, capsys):
     assert (m["arch"], m["depth"], m["iterations"], m["config"]["milestones"]) == ("plain", 8, 20, [10])
 
 
+def test_cli_null_sets_none_over_the_params_file(tmp_path, cifar_root):
+    """`--shortcut null` was dropped as "not given", so a bottleneck net got params' option A and failed."""
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  shortcut: A\n  iterations: 4\n  milestones: [2]\n  batch_size: 16\n  log_every: 2\n"
+                      "  eval_every: 2\n  checkpoint_every: 2\n  device: cpu\n  compile: false\n")
+    engine.main(["--params", str(params), "--data", str(cifar_root), "--out", str(tmp_path / "run"),
+                 "--arch", "preactbottleneck", "--depth", "11", "--shortcut", "null"])
+    m = read_outputs(tmp_path / "run")
+    assert m["config"]["shortcut"] is None and m["shortcut"] == "B"
+
+
 def test_cli_names_a_tab_in_the_params_file_without_a_traceback(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  iterations: 20\n\tlr: 0.1\n")
