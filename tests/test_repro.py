@@ -30,7 +30,7 @@ TINY = dict(iterations=20, milestones=[10, 15], batch_size=16, log_every=5, eval
             checkpoint_every=5, device="cpu", compile=False)
 GRID = ["plain-8-0", "resnet-8-0", "plain-20-0", "resnet-20-0"]
 QUICK = ["plain-8-0", "resnet-8-0"]
-GRID2016 = ["preact-8-0", "preactbottleneck-11-0"]   # the sequel's: a basic and a bottleneck net
+GRID2016 = ["preact-8-0", "preactbottleneck-11-0", "preactbottleneck-11-0-cifar100"]  # basic, bottleneck; CIFAR-100
 QUICK2016 = ["resnet-8-0", "scaling05x05-8-0"]
 
 pytestmark = pytest.mark.slow
@@ -48,10 +48,13 @@ def copy_project(dst: Path) -> Path:
     return dst
 
 
-def set_params(project: Path, md5: str, grid: list[str], quick: list[str] = QUICK, **train) -> None:
+def set_params(project: Path, md5: str, grid: list[str], quick: list[str] = QUICK, md5_100: str | None = None,
+               **train) -> None:
     """Tiny params for `grid` and `quick`; dvc.yaml's report deps follow, as the README says to."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"]["md5"] = md5
+    if md5_100:
+        params["data"]["cifar100"]["md5"] = md5_100
     params["train"].update(TINY, **train)
     params["grid"] = grid
     params["quick"] = {"grid": quick, "train": {"iterations": 12, "milestones": [6, 9], "lr_ramp": 2, "log_every": 3,
@@ -94,12 +97,19 @@ def tarball(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def grid_project(tmp_path_factory, tarball):
-    """A copy of the project whose data.dvc imports the small tarball from a local path, with tiny
-    params for a 2x2 grid, after one run of the grid runner, two at a time (timed)."""
+def tarball100(tmp_path_factory):
+    return make_tarball(tmp_path_factory.mktemp("tarball100") / "cifar-100-python.tar.gz",
+                        cifar.synthetic(320, 100, seed=6, classes=100), "cifar100")
+
+
+@pytest.fixture(scope="module")
+def grid_project(tmp_path_factory, tarball, tarball100):
+    """A copy of the project whose data.dvc (data-cifar100.dvc) imports the small tarball from a local
+    path, with tiny params for a 2x2 grid, after one run of the grid runner, two at a time (timed)."""
     project = copy_project(tmp_path_factory.mktemp("project"))
     pipeline.import_data(str(tarball), project / "data.dvc")
-    set_params(project, cifar.md5sum(tarball), GRID)
+    pipeline.import_data(str(tarball100), project / "data-cifar100.dvc", "cifar100")
+    set_params(project, cifar.md5sum(tarball), GRID, md5_100=cifar.md5sum(tarball100))
     start = time.perf_counter()
     first = grid(cwd=project)
     print(f"\nfirst grid run of the 2x2 grid, 2 at a time: {time.perf_counter() - start:.1f} s")
@@ -224,8 +234,13 @@ def test_the_sequels_quick_look_and_grid_keep_apart_from_2015s(grid_project):
     assert "training error, 8 layers: " in verdicts  # the identity shortcut against scaling: tested
     assert (project / "reports" / "2016" / "quick" / "quick.png").is_file()
 
+    assert not (project / "data" / "cifar-100-python.tar.gz").exists()  # the quick look needs no CIFAR-100
     done = make(project, "repro", "PAPER=2016", "JOBS=2")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "dvc repro prepare prepare-cifar100 check" in done.stdout
+    c100 = read_outputs(project / "results" / "2016" / "preactbottleneck-11-0-cifar100")
+    assert (c100["dataset"], c100["test_images"], c100["params"]) == ("cifar100", 100, read_outputs(
+        project / "results" / "2016" / "preactbottleneck-11-0")["params"] + 257 * 90)  # fc: 256 inputs and a bias to 100 classes, not 10
     for name in GRID2016:
         out = project / "results" / "2016" / name
         metrics = read_outputs(out)
@@ -235,7 +250,8 @@ def test_the_sequels_quick_look_and_grid_keep_apart_from_2015s(grid_project):
         assert pd.read_csv(out / "history.csv")["lr"].round(6).tolist() == [0.01, 0.1, 0.01, 0.001]
     tables = pd.read_csv(project / "reports" / "2016" / "tables.csv")
     others = tables[tables.table == "Other runs"]  # no net of the tiny grid is at a depth of Tables 1-3
-    assert sorted(others.net) == ["preact-8", "preactbottleneck-11"] and others["median"].notna().all()
+    assert sorted(others.net) == ["preact-8", "preactbottleneck-11", "preactbottleneck-11-cifar100"]
+    assert others["median"].notna().all() and others.set_index("net").data["preactbottleneck-11-cifar100"] == "CIFAR-100"
     assert (tables[tables.table != "Other runs"].ours == "missing").all()
     for f in ("report.ipynb", "tables.md", "fig1.png", "fig3.png", "fig6.png", "verdicts.md"):
         assert (project / "reports" / "2016" / f).is_file(), f
