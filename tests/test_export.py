@@ -155,7 +155,7 @@ def test_the_hub_loader_gives_the_runs_weights_and_refuses_contradicting_ones(gr
     assert model.meta["mean"].shape == (3, 32, 32)
     with pytest.raises(ValueError, match=r"holds resnet-8, not plain-8"):
         weights.load("plain", 8, path)
-    with pytest.raises(ValueError, match=r"holds resnet-8, not resnet-20: use the entry point resnet8"):
+    with pytest.raises(ValueError, match=r"holds resnet-8, not resnet-20: use replicate.weights.load\('resnet', 8, weights\)"):
         weights.load("resnet", 20, path)
 
 
@@ -236,6 +236,8 @@ def test_hub_loads_local_weights_checked_by_sha256(resnet20_files):
         torch.hub.load(str(ROOT), "resnet20", source="local", weights=str(ours), sha256="0" * 64)
     with pytest.raises(ValueError, match=r"holds resnet-20, not plain-20"):
         torch.hub.load(str(ROOT), "plain20", source="local", weights=str(ours))
+    with pytest.raises(ValueError, match=r"holds resnet-20, not resnet-32: use the entry point resnet20,"):
+        torch.hub.load(str(ROOT), "resnet32", source="local", weights=str(ours))
     with pytest.raises(ValueError, match=r"holds a net of depth 20, not resnet-32"):
         torch.hub.load(str(ROOT), "resnet32", source="local", weights=str(port))
 
