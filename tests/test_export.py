@@ -90,7 +90,7 @@ def test_finished_runs_are_exported_and_the_others_listed_with_why(grid, zoo):
             m["test_error"], m["train_error"], 6, m["params"])
         assert (r["precision"], r["device"], r["torch"], r["commit"]) == (m["precision"], "cpu", m["torch"], m["commit"])
         assert (r["data_md5"], r["data_name"]) == ("0123456789abcdef0123456789abcdef", "synthetic CIFAR-10")
-        assert (r["dataset"], r["num_classes"]) == ("cifar10", 10)  # runs from before CIFAR-100 say no dataset
+        assert (r["dataset"], r["num_classes"]) == ("cifar10", 10)  # what the runs say (older ones: CIFAR-10)
 
 
 def test_exported_files_load_weights_only_with_weights_and_metadata(grid, zoo, small_dataset):
