@@ -146,7 +146,8 @@ def architecture(w: Weights) -> dict:
                          "the file is mislabelled or damaged; export or save it again")
     if arch is not None and arch not in ARCHS:  # a 2016 net: its tensors are checked as they load
         if "depth" not in w.meta:
-            raise ValueError(f"{w.path} says arch {arch} but not its depth: pass the depth (--depth)")
+            raise ValueError(f"{w.path} says arch {arch} but not its depth, which a 2016 net's tensors do "
+                             "not give here: export or save it again with its depth")
         return {"arch": arch, "depth": int(w.meta["depth"]), "shortcut": w.meta.get("shortcut"),
                 "num_classes": num_classes}
     depth, shortcut = infer(w)
