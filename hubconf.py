@@ -1,6 +1,6 @@
 """torch.hub entry points for the paper's CIFAR-10 nets (He et al. 2015, section 4.2), and the
 sequel's ResNet-110, -164 and -1001 (He et al. 2016, Table 3: pre-activation and original units;
-`num_classes=100` for CIFAR-100).
+`num_classes=100` builds one for CIFAR-100; with weights, the weights' classes are taken).
 
     model = torch.hub.load("path/to/checkout", "resnet56", source="local",
                            weights="resnet-56-0-1a2b3c4d.pt", sha256="1a2b3c4d...")
@@ -8,8 +8,9 @@ sequel's ResNet-110, -164 and -1001 (He et al. 2016, Table 3: pre-activation and
 Without `weights` a net comes freshly initialised. `weights` is a file or an http(s) URL
 (downloaded into torch.hub.get_dir()/checkpoints/), checked by `sha256` where given: an export of
 `python -m replicate.export` (its per-pixel input mean is `model.meta["mean"]`) or the PyTorch
-port's `.th` (loaded by order). Weights of another depth, arch or shortcut are refused; loaded
-weights come in eval mode. Everything is in replicate/weights.py (it needs torch alone).
+port's `.th` (loaded by order). Weights of another depth, arch, shortcut or number of classes are
+refused; loaded weights come in eval mode. Any other net of the papers (a 2016 grid's Table 1 and 2
+variants, other depths) loads with `replicate.weights.load(arch, depth, weights)`. Everything is in replicate/weights.py (it needs torch alone).
 """
 
 from replicate.weights import load as _load
@@ -72,28 +73,28 @@ def plain110(weights=None, sha256=None, progress=True, **kwargs):
     return _load("plain", 110, weights, sha256=sha256, progress=progress, **kwargs)
 
 
-def preact_resnet110(weights=None, sha256=None, progress=True, num_classes=10, **kwargs):
+def preact_resnet110(weights=None, sha256=None, progress=True, num_classes=None, **kwargs):
     """Pre-activation ResNet-110, basic units (He et al. 2016, Table 3: 1.7M parameters, 6.37%). weights=, sha256=."""
     return _load("preact", 110, weights, sha256=sha256, progress=progress, num_classes=num_classes, **kwargs)
 
 
-def preact_resnet164(weights=None, sha256=None, progress=True, num_classes=10, **kwargs):
+def preact_resnet164(weights=None, sha256=None, progress=True, num_classes=None, **kwargs):
     """Pre-activation ResNet-164, bottleneck units (2016, Table 3: 1.7M parameters, 5.46%; CIFAR-100 24.33%)."""
     return _load("preactbottleneck", 164, weights, sha256=sha256, progress=progress, num_classes=num_classes,
                  **kwargs)
 
 
-def preact_resnet1001(weights=None, sha256=None, progress=True, num_classes=10, **kwargs):
+def preact_resnet1001(weights=None, sha256=None, progress=True, num_classes=None, **kwargs):
     """Pre-activation ResNet-1001, bottleneck units (2016, Table 3: 10.2M parameters, 4.92%; CIFAR-100 22.71%)."""
     return _load("preactbottleneck", 1001, weights, sha256=sha256, progress=progress, num_classes=num_classes,
                  **kwargs)
 
 
-def resnet164(weights=None, sha256=None, progress=True, num_classes=10, **kwargs):
+def resnet164(weights=None, sha256=None, progress=True, num_classes=None, **kwargs):
     """ResNet-164 of original bottleneck units (2016, Table 3: 5.93%; CIFAR-100 25.16%). weights=, sha256=."""
     return _load("bottleneck", 164, weights, sha256=sha256, progress=progress, num_classes=num_classes, **kwargs)
 
 
-def resnet1001(weights=None, sha256=None, progress=True, num_classes=10, **kwargs):
+def resnet1001(weights=None, sha256=None, progress=True, num_classes=None, **kwargs):
     """ResNet-1001 of original bottleneck units (2016, Table 3: 7.61%; CIFAR-100 27.82%). weights=, sha256=."""
     return _load("bottleneck", 1001, weights, sha256=sha256, progress=progress, num_classes=num_classes, **kwargs)

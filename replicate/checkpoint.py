@@ -113,8 +113,12 @@ def check_identity(saved: dict, ours: dict, path: Path) -> None:
     def key(c: dict) -> list:
         return [c.get(k, UNSAID.get(k)) for k in IDENTITY]
 
+    def name(c: dict) -> str:  # as pipeline.Run names it: a CIFAR-10 run's name has no data set
+        arch, depth, seed, dataset = key(c)
+        return f"{arch}-{depth}-{seed}" + ("" if dataset == UNSAID["dataset"] else f"-{dataset}")
+
     if key(config) != key(ours["config"]):
-        theirs, now = ("-".join(map(str, key(c))) for c in (config, ours["config"]))
+        theirs, now = (name(c) for c in (config, ours["config"]))
         raise ValueError(f"{path} is the checkpoint of run {theirs}, not of {now}: give this run its own folder "
                          f"(--out), or delete that checkpoint")
 

@@ -2,8 +2,10 @@
 
 PATH is a run folder (its model.pt, or checkpoint.pt while unfinished), a model.pt, a
 checkpoint.pt, an export of `python -m replicate.export`, or a foreign checkpoint such as the
-PyTorch port's `.th`. The net comes from the tensors (depth, shortcut) and the metadata (plain or
-residual: run.json beside the weights, the checkpoint's config, the export's own); the input
+PyTorch port's `.th`. The net comes from the tensors (depth, shortcut, number of classes) and the
+metadata (plain or residual, the sequel's arch and depth: run.json beside the weights, the
+checkpoint's config, the export's own); the test set is the run's data set's (CIFAR-10 or
+CIFAR-100 under --data; without metadata, the one with as many classes as the net); the input
 normalisation is the run's (the per-pixel mean of its training images) unless `--normalize
 imagenet`. Our runs are evaluated as train.py evaluated them (train.evaluate, eval mode, batches of
 1000, channels_last, the run's bf16 or fp16 autocast or TF32 where this device has it). The error is
@@ -15,6 +17,7 @@ each process, so a few images may flip.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,8 @@ import torch
 
 from . import data as cifar
 from . import weights as W
+from .models import ARCHS
+from .preact import ARCHS as SEQUEL_ARCHS
 from .device import AUTOCAST, PRECISIONS, autocast, channels_last, pick_device, resolve_precision, set_backends
 from .report import net_name
 from .train import evaluate as error_of
@@ -83,9 +88,15 @@ def locate(path: str) -> Source:
     return Source(path, w, info, notes)
 
 
-def architecture(src: Source, arch: str | None, depth: int | None, shortcut: str | None) -> tuple[str, int, str]:
-    """The net to build: options first, then what the tensors and metadata say. A foreign
-    checkpoint has no metadata: it is taken as residual, and the output says so."""
+def architecture(src: Source, arch: str | None, depth: int | None, shortcut: str | None) -> tuple[str, int, str, int]:
+    """The net to build and its number of classes: options first, then what the tensors and
+    metadata say. A foreign checkpoint has no metadata: it is taken as residual, and the output says
+    so. A 2016 net without metadata needs --arch and --depth (its tensors are checked as they load)."""
+    if arch in SEQUEL_ARCHS and "arch" not in src.weights.meta:
+        if depth is None:
+            raise ValueError(f"{src.weights.path}: --arch {arch} is a 2016 net, whose depth the tensors do not give "
+                             "here: pass --depth too")
+        return arch, depth, shortcut, W.classes(src.weights)
     found = W.architecture(src.weights)
     if arch is None:
         arch = found["arch"]
@@ -95,7 +106,19 @@ def architecture(src: Source, arch: str | None, depth: int | None, shortcut: str
     if arch is None:
         raise ValueError(f"{src.weights.path} is a bare state dict without run.json beside it: plain and residual "
                          "nets have the same tensors, so pass --arch plain or --arch resnet")
-    return arch, depth or found["depth"], shortcut or found["shortcut"]
+    return arch, depth or found["depth"], shortcut or found["shortcut"], found["num_classes"]
+
+
+def dataset_of(src: Source, num_classes: int) -> str:
+    """The data set to test on: the run's (older runs say none: CIFAR-10), else the one with as many
+    classes as the net has outputs. A run whose data set has another number of classes is refused."""
+    said = src.info.get("dataset")
+    if said is None:
+        return next((k for k, s in cifar.DATASETS.items() if s.classes == num_classes), cifar.DEFAULT)
+    if cifar.source(said).classes != num_classes:
+        raise ValueError(f"{src.weights.path} says it ran on {cifar.source(said).name} ({cifar.source(said).classes} "
+                         f"classes) but its last layer has {num_classes} outputs: the file is mislabelled or damaged")
+    return said
 
 
 def inputs(src: Source, normalize: str, data: cifar.CifarData, means: dict, device: torch.device) -> torch.Tensor:
@@ -132,13 +155,16 @@ def run_precision(src: Source, device: torch.device) -> str:
     return resolve_precision(device, setting)[0]
 
 
-def evaluate_source(src: Source, data: cifar.CifarData, device: torch.device, *, arch: str | None = None,
+def evaluate_source(src: Source, data, device: torch.device, *, arch: str | None = None,
                     depth: int | None = None, shortcut: str | None = None, normalize: str | None = None,
                     means: dict | None = None) -> dict:
-    """The test error of one PATH on `data`'s test set, with what was evaluated and how."""
+    """The test error of one PATH on its data set's test set (`data(dataset)` gives the CifarData of
+    "cifar10" or "cifar100"), with what was evaluated and how."""
     info, means = src.info, {} if means is None else means
-    arch, depth, shortcut = architecture(src, arch, depth, shortcut)
-    model = W.to_model(src.weights, arch, depth, shortcut, info.get("bn_batch_size"))
+    arch, depth, shortcut, num_classes = architecture(src, arch, depth, shortcut)
+    dataset = dataset_of(src, num_classes)
+    data, means = data(dataset), means.setdefault(dataset, {})
+    model = W.to_model(src.weights, arch, depth, shortcut, info.get("bn_batch_size"), num_classes)
     memory_format = channels_last(device)  # as train.py's nets: the same kernels, the same numbers
     model = model.to(device, memory_format=memory_format)
     normalize = normalize or "mean"
@@ -161,7 +187,7 @@ def evaluate_source(src: Source, data: cifar.CifarData, device: torch.device, *,
         src.notes.append(f"the run diverged at iteration {info.get('diverged_at')}: these weights are not a trained net")
     return {
         "path": src.path, "file": src.weights.path, "kind": src.weights.kind,
-        "arch": arch, "depth": depth, "shortcut": shortcut, "normalize": normalize,
+        "arch": arch, "depth": depth, "shortcut": shortcut, "dataset": dataset, "normalize": normalize,
         "precision": here, "device": device.type,
         "params": sum(p.numel() for p in model.parameters()),
         "test_error": error, "test_images": len(y), "recorded_test_error": recorded,
@@ -182,12 +208,13 @@ def device_of(name: str) -> torch.device:
 
 def table(rows: list[dict]) -> str:
     """The results as aligned text, each row's notes under the table."""
-    head = ["path", "net", "params", "normalize", "precision", "test error %", "recorded %"]
-    body = [[r["path"], net_name(r["arch"], r["depth"], r["shortcut"]), f"{r['params']:,}", r["normalize"],
+    head = ["path", "net", "data", "params", "normalize", "precision", "test error %", "recorded %"]
+    body = [[r["path"], net_name(r["arch"], r["depth"], r["shortcut"]), cifar.source(r["dataset"]).name,
+             f"{r['params']:,}", r["normalize"],
              r["precision"], f"{r['test_error']:.2f}",
              "-" if r["recorded_test_error"] is None else f"{r['recorded_test_error']:.2f}"] for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(c.rjust(w) if i in (2, 5, 6) else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    fmt = lambda cells: "  ".join(c.rjust(w) if i in (3, 6, 7) else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     lines = [fmt(head)] + [fmt(b) for b in body]
     lines += [f"note: {r['path']}: {n}" for r in rows for n in r["notes"]]
     return "\n".join(lines)
@@ -199,8 +226,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 epilog="Example: python -m replicate.evaluate results/resnet-56-0 --data data")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="run folder, model.pt, checkpoint.pt, exported .pt, or a foreign checkpoint (.th)")
-    p.add_argument("--data", default="data", metavar="DIR", help="folder holding cifar-10-batches-py/ (default: data)")
-    p.add_argument("--arch", choices=("plain", "resnet"), help="override: plain or residual (weights cannot tell)")
+    p.add_argument("--data", default="data", metavar="DIR",
+                   help="folder holding cifar-10-batches-py/ (and cifar-100-python/ for CIFAR-100 nets; default: data)")
+    p.add_argument("--arch", choices=(*ARCHS, *SEQUEL_ARCHS),
+                   help="override: plain or residual (weights cannot tell), or a 2016 net's arch (with --depth)")
     p.add_argument("--depth", type=int, help="override the depth read from the tensors")
     p.add_argument("--shortcut", choices=("A", "B"), help="override the shortcut option read from the tensors")
     p.add_argument("--normalize", choices=NORMALIZE,
@@ -211,7 +240,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     try:
         sources = [locate(path) for path in args.paths]  # bad files fail before the data is read
-        data = cifar.load_cifar10(args.data)
+        data = functools.cache(functools.partial(cifar.load, args.data))  # each data set read once, if needed
         device, means = device_of(args.device), {}
         rows = [evaluate_source(s, data, device, arch=args.arch, depth=args.depth, shortcut=args.shortcut,
                                 normalize=args.normalize, means=means) for s in sources]

@@ -29,6 +29,14 @@ FORMAT = "replicate-weights/1"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 KINDS = ("export", "checkpoint", "state_dict", "foreign")
+# hubconf.py's entry points, by the (arch, depth) they build: the 2015 paper's nets and the sequel's
+# Table 3 ones (any other net loads through `load(arch, depth, weights)`).
+HUB_ENTRY_POINTS = {
+    **{(arch, d): f"{arch}{d}" for arch in ARCHS for d in (20, 32, 44, 56, 110)}, ("resnet", 1202): "resnet1202",
+    ("preact", 110): "preact_resnet110", ("preactbottleneck", 164): "preact_resnet164",
+    ("preactbottleneck", 1001): "preact_resnet1001", ("bottleneck", 164): "resnet164",
+    ("bottleneck", 1001): "resnet1001",
+}
 
 
 @dataclass
@@ -117,12 +125,32 @@ def infer(w: Weights) -> tuple[int, str]:
     return depth, "B" if n1 else "A"
 
 
+def classes(w: Weights) -> int:
+    """The number of classes: the out_features of the final linear layer (`fc`, the port's `linear`)."""
+    linear = [v for k, v in w.state_dict.items() if k in ("fc.weight", "linear.weight")] or [
+        v for v in w.state_dict.values() if v.dim() == 2]
+    if not linear:
+        raise ValueError(f"{w.path} has no linear layer (a 2-D tensor): it was saved from another architecture")
+    return int(linear[-1].shape[0])
+
+
 def architecture(w: Weights) -> dict:
     """What the file tells about its net: depth and shortcut from the tensors, arch from the
-    metadata, or 'resnet' where projection shortcuts exist (plain nets have none); None if unknown.
-    Metadata that contradicts the tensors is an error (a damaged or mislabelled file)."""
+    metadata, or 'resnet' where projection shortcuts exist (plain nets have none); None if unknown;
+    num_classes from the last layer. The sequel's nets (replicate/preact.py) need the metadata's
+    arch and depth: `to_model` checks them against the tensors. Metadata that contradicts the
+    tensors is an error (a damaged or mislabelled file)."""
+    arch, num_classes = w.meta.get("arch"), classes(w)
+    if w.meta.get("num_classes", num_classes) != num_classes:
+        raise ValueError(f"{w.path} says {w.meta['num_classes']} classes but its last layer has {num_classes}: "
+                         "the file is mislabelled or damaged; export or save it again")
+    if arch is not None and arch not in ARCHS:  # a 2016 net: its tensors are checked as they load
+        if "depth" not in w.meta:
+            raise ValueError(f"{w.path} says arch {arch} but not its depth, which a 2016 net's tensors do "
+                             "not give here: export or save it again with its depth")
+        return {"arch": arch, "depth": int(w.meta["depth"]), "shortcut": w.meta.get("shortcut"),
+                "num_classes": num_classes}
     depth, shortcut = infer(w)
-    arch = w.meta.get("arch")
     if "depth" in w.meta and int(w.meta["depth"]) != depth:
         raise ValueError(f"{w.path} says depth {w.meta['depth']} but its tensors are of depth {depth}: "
                          "the file is mislabelled or damaged; export or save it again")
@@ -136,14 +164,16 @@ def architecture(w: Weights) -> dict:
                          "(B: 1x1 projection convs): the file is mislabelled or damaged")
     elif arch is None and shortcut == "B":
         arch = "resnet"
-    return {"arch": arch, "depth": depth, "shortcut": shortcut}
+    return {"arch": arch, "depth": depth, "shortcut": shortcut, "num_classes": num_classes}
 
 
 def to_model(w: Weights, arch: str, depth: int, shortcut: str | None, bn_batch_size: int | None = None,
-             **options) -> torch.nn.Module:
-    """`build(arch, depth, shortcut, **options)` holding the tensors of `w`: by name when the keys are
-    ours, else by order (the port's layout). Any mismatch names the file."""
-    model = build(arch, depth, shortcut=shortcut, bn_batch_size=bn_batch_size, **options)
+             num_classes: int | None = None, **options) -> torch.nn.Module:
+    """`build(arch, depth, shortcut, num_classes, **options)` holding the tensors of `w` (num_classes
+    None: the tensors'): by name when the keys are ours, else by order (the port's layout). Any
+    mismatch names the file."""
+    model = build(arch, depth, shortcut=shortcut, bn_batch_size=bn_batch_size,
+                  num_classes=num_classes or classes(w), **options)
     try:
         if set(w.state_dict) == set(model.state_dict()):
             model.load_state_dict(w.state_dict)
@@ -199,39 +229,40 @@ def fetch(weights: str | Path, sha256_hex: str | None = None, progress: bool = T
 
 
 def load(arch: str, depth: int, weights: str | Path | None = None, *, sha256: str | None = None,
-         progress: bool = True, **kwargs) -> torch.nn.Module:
-    """torch.hub's entry points: `build(arch, depth, **kwargs)`, with `weights` (a path or URL,
-    checked by `sha256`) loaded and the model put in eval mode. Refuses weights whose tensors or
-    metadata are of another depth, arch or shortcut. `model.meta` keeps the file's metadata: the
-    per-pixel `mean` its inputs need (images in [0, 1] minus the mean), for our exports. The 2016
-    nets' tensors fit no 2015 net: their arch and depth are the metadata's, and loading checks them."""
+         progress: bool = True, num_classes: int | None = None, **kwargs) -> torch.nn.Module:
+    """torch.hub's entry points: `build(arch, depth, num_classes, **kwargs)`, with `weights` (a path
+    or URL, checked by `sha256`) loaded and the model put in eval mode. `num_classes` None: 10
+    without weights, the weights' with them (100 for CIFAR-100). Refuses weights whose tensors or
+    metadata are of another depth, arch, shortcut or number of classes. `model.meta` keeps the
+    file's metadata: the per-pixel `mean` its inputs need (images in [0, 1] minus the mean), and the
+    `dataset`, for our exports."""
     if weights is None:
-        model = build(arch, depth, **kwargs)
+        model = build(arch, depth, num_classes=num_classes or 10, **kwargs)
         model.meta = {}
         return model
     w = read(fetch(weights, sha256, progress))
-    if arch not in ARCHS:  # a 2016 net (replicate/preact.py): its tensors are checked as they load
-        said = (w.meta.get("arch", arch), int(w.meta.get("depth", depth)))
-        if said != (arch, depth):
-            raise ValueError(f"{weights} holds {said[0]}-{said[1]}, not {arch}-{depth}: use that net's entry "
-                             "point, or other weights")
-        options = {"shortcut": w.meta.get("shortcut"), "bn_batch_size": w.meta.get("bn_batch_size"), **kwargs}
-        model = to_model(w, arch, depth, **options)
-        model.meta = w.meta
-        return model.eval()
-    found = architecture(w)
+    if arch in ARCHS or "arch" in w.meta:
+        found = architecture(w)
+    else:  # a 2016 net's bare state dict: the entry point names it, and its tensors are checked as they load
+        found = {"arch": arch, "depth": depth, "shortcut": kwargs.get("shortcut"), "num_classes": classes(w)}
     if found["depth"] != depth or found["arch"] not in (None, arch):
         have = f"{found['arch']}-{found['depth']}" if found["arch"] else f"a net of depth {found['depth']}"
-        raise ValueError(f"{weights} holds {have}, not {arch}-{depth}: use the entry point "
-                         f"{found['arch'] or arch}{found['depth']}, or other weights")
-    unknown = sorted(set(kwargs) - {"shortcut", "bn_batch_size"})
+        net = (found["arch"] or arch, found["depth"])
+        use = (f"the entry point {HUB_ENTRY_POINTS[net]}" if net in HUB_ENTRY_POINTS else
+               f"replicate.weights.load({net[0]!r}, {net[1]}, weights)")
+        raise ValueError(f"{weights} holds {have}, not {arch}-{depth}: use {use}, or other weights")
+    if num_classes not in (None, found["num_classes"]):
+        raise ValueError(f"{weights} holds a net of {found['num_classes']} classes, not num_classes={num_classes}: "
+                         "drop num_classes=, the weights choose it")
+    unknown = sorted(set(kwargs) - {"shortcut", "bn_batch_size"}) if arch in ARCHS else []
     if unknown:
         raise TypeError(f"unexpected argument(s) {unknown} with weights=: the weights fix the rest of the net")
-    shortcut = kwargs.get("shortcut", found["shortcut"])
-    if arch == "resnet" and shortcut != found["shortcut"]:
+    shortcut = kwargs.pop("shortcut", found["shortcut"])
+    if arch != "plain" and found["shortcut"] is not None and shortcut != found["shortcut"]:
         raise ValueError(f"{weights} has shortcut {found['shortcut']} but shortcut={shortcut!r} was asked for: "
                          "drop shortcut=, the weights choose it")
-    model = to_model(w, arch, depth, shortcut, kwargs.get("bn_batch_size", w.meta.get("bn_batch_size")))
+    bn_batch_size = kwargs.pop("bn_batch_size", w.meta.get("bn_batch_size"))
+    model = to_model(w, arch, depth, shortcut, bn_batch_size, found["num_classes"], **kwargs)
     model.meta = w.meta
     return model.eval()
 

@@ -113,7 +113,7 @@ def test_a_checkpoint_of_one_data_set_is_never_resumed_on_the_other(small_datase
                 checkpoint_every=2, device="cpu", compile=False)
     train_until_first_checkpoint(Config(**base), tmp_path, small_dataset)
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(ValueError, match="is the checkpoint of run resnet-8-0-cifar10, not of resnet-8-0-cifar100"):
+    with pytest.raises(ValueError, match="is the checkpoint of run resnet-8-0, not of resnet-8-0-cifar100"):
         train(Config(**base, dataset="cifar100"), dataset=small_cifar100, out_dir=tmp_path, progress=False)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before  # refused, not moved aside or overwritten
     saved = checkpoint.load(tmp_path / "checkpoint.pt")

@@ -168,7 +168,7 @@ def test_depth_and_shortcut_come_from_the_tensors(depth, shortcut):
     w = weights.parse(foreign(build("resnet", depth, shortcut=shortcut).state_dict()), "x.th")
     found = weights.architecture(w)
     # projection shortcuts exist only in residual nets, so option B tells the arch too
-    assert found == {"arch": "resnet" if shortcut == "B" else None, "depth": depth, "shortcut": shortcut}
+    assert found == {"arch": "resnet" if shortcut == "B" else None, "depth": depth, "shortcut": shortcut, "num_classes": 10}
 
 
 def test_a_bare_state_dict_needs_arch_and_then_loads(runs, tmp_path, cifar_root):

@@ -90,6 +90,7 @@ def test_finished_runs_are_exported_and_the_others_listed_with_why(grid, zoo):
             m["test_error"], m["train_error"], 6, m["params"])
         assert (r["precision"], r["device"], r["torch"], r["commit"]) == (m["precision"], "cpu", m["torch"], m["commit"])
         assert (r["data_md5"], r["data_name"]) == ("0123456789abcdef0123456789abcdef", "synthetic CIFAR-10")
+        assert (r["dataset"], r["num_classes"]) == ("cifar10", 10)  # what the runs say (older ones: CIFAR-10)
 
 
 def test_exported_files_load_weights_only_with_weights_and_metadata(grid, zoo, small_dataset):
@@ -120,10 +121,10 @@ def test_evaluating_the_exported_files_gives_the_manifests_errors_exactly(zoo, c
 
 def test_the_model_card_has_the_table_the_paper_beside_it_and_how_to_load(zoo):
     card, man = (zoo[0] / "README.md").read_text(), manifest(zoo)
-    assert "| net | seed | params | test error % (ours, final) | Table 6 (paper) | file |" in card
+    assert "| net | data | seed | params | test error % (ours, final) | paper | file |" in card
     for r in man["runs"]:
         name = "ResNet-8" if r["arch"] == "resnet" else "plain-8"
-        assert f"| {name} | 0 | {r['params']:,} | {r['test_error']:.2f} | - | `{r['file']}` |" in card
+        assert f"| {name} | CIFAR-10 | 0 | {r['params']:,} | {r['test_error']:.2f} | - | `{r['file']}` |" in card
     for run in ("resnet-8-1 (diverged", "resnet-8-2 (unfinished", "resnet-8-3 (unfinished"):
         assert run in card
     # no torch.hub entry point for depth 8: the card shows hubconf's loader
@@ -138,9 +139,11 @@ def test_paper_numbers_are_labelled_and_only_for_its_resnets():
              "file": "resnet-56-0-abcdef12.pt", "sha256": "abcdef12" + "0" * 56, "precision": "bf16", "device": "cuda",
              "device_name": "H200", "torch": "2.5", "commit": "abc1234", "config": {"iterations": 64000}}
     plain = {**entry, "arch": "plain", "file": "plain-56-0-12345678.pt"}
-    card = export.model_card({"runs": [entry, plain], "left_out": [], "data": {"name": "CIFAR-10", "md5": "c58f"}})
-    assert "| ResNet-56 | 0 | 853,018 | 7.00 | 6.97 | `resnet-56-0-abcdef12.pt` |" in card
-    assert "| plain-56 | 0 | 853,018 | 7.00 | - | `plain-56-0-12345678.pt` |" in card
+    card = export.model_card({"runs": [entry, plain], "left_out": [],
+                              "data": {"cifar10": {"name": "CIFAR-10", "md5": "c58f"}}})
+    assert "| ResNet-56 | CIFAR-10 | 0 | 853,018 | 7.00 | 6.97 (2015 Table 6) | `resnet-56-0-abcdef12.pt` |" in card
+    assert "| plain-56 | CIFAR-10 | 0 | 853,018 | 7.00 | - | `plain-56-0-12345678.pt` |" in card
+    assert card.startswith("# Plain and residual nets on CIFAR-10 (He et al. 2015, section 4.2)")
     assert 'torch.hub.load("path/to/checkout", "resnet56", source="local",' in card
     assert f'weights="resnet-56-0-abcdef12.pt", sha256="{entry["sha256"]}")' in card
 
@@ -155,7 +158,7 @@ def test_the_hub_loader_gives_the_runs_weights_and_refuses_contradicting_ones(gr
     assert model.meta["mean"].shape == (3, 32, 32)
     with pytest.raises(ValueError, match=r"holds resnet-8, not plain-8"):
         weights.load("plain", 8, path)
-    with pytest.raises(ValueError, match=r"holds resnet-8, not resnet-20: use the entry point resnet8"):
+    with pytest.raises(ValueError, match=r"holds resnet-8, not resnet-20: use replicate.weights.load\('resnet', 8, weights\)"):
         weights.load("resnet", 20, path)
 
 
@@ -236,6 +239,8 @@ def test_hub_loads_local_weights_checked_by_sha256(resnet20_files):
         torch.hub.load(str(ROOT), "resnet20", source="local", weights=str(ours), sha256="0" * 64)
     with pytest.raises(ValueError, match=r"holds resnet-20, not plain-20"):
         torch.hub.load(str(ROOT), "plain20", source="local", weights=str(ours))
+    with pytest.raises(ValueError, match=r"holds resnet-20, not resnet-32: use the entry point resnet20,"):
+        torch.hub.load(str(ROOT), "resnet32", source="local", weights=str(ours))
     with pytest.raises(ValueError, match=r"holds a net of depth 20, not resnet-32"):
         torch.hub.load(str(ROOT), "resnet32", source="local", weights=str(port))
 
