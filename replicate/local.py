@@ -38,11 +38,16 @@ def slots(jobs: str | int, n_runs: int, gpus: list[str] | None = None, cores: in
 
 @dataclass
 class Deepest:
-    """The grid's deepest run, whose memory decides how many runs share a GPU."""
+    """The grid's run that holds the most memory, which decides how many runs share a GPU."""
 
     depth: int
     precision: str = "auto"  # the setting; resolved per GPU as train.py would (device.resolve_precision)
     batch: int = 128
+    arch: str = "resnet"
+    checkpointing: bool | str = "auto"  # train's activation_checkpointing; resolved per GPU as train.py would
+
+    def name(self) -> str:
+        return f"ResNet-{self.depth}" + ("" if self.arch in ("resnet", "plain") else f" ({self.arch})")  # 2015's: alike
 
 
 @dataclass
@@ -112,9 +117,12 @@ def gpu_fits(gpus: list[str], info: dict[str, GpuInfo], deepest: Deepest) -> tup
     for g in gpus:
         gi = info.get(g, GpuInfo(None))
         precision = gpu_precision(deepest.precision, gi.capability)
-        each = memory.run_gb(deepest.depth, precision, deepest.batch)
+        d = deepest
+        recompute = memory.checkpointing_on(d.checkpointing, d.arch, d.depth, precision, d.batch, gi.gib)
+        each = memory.run_gb(d.arch, d.depth, precision, d.batch, recompute)
         n = SLOTS_PER_GPU if gi.gib is None else max(1, int(gi.gib // each))
-        net = f"ResNet-{deepest.depth} at batch {deepest.batch} in {precision} ({each:.1f} GB each)"
+        net = (f"{d.name()} at batch {d.batch} in {precision}{', checkpointed' if recompute else ''} "
+               f"({each:.1f} GB each)")
         fits.append(n)
         holds.append(f"memory unknown (no nvidia-smi), {n} assumed for {net}" if gi.gib is None else
                      f"{gi.gib:.1f} GB holds {n} runs of {net}" if gi.gib >= each else
