@@ -150,6 +150,29 @@ def peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+def step_seconds(arch: str, depth: int, batch: int, checkpointing: bool, steps: int = 5) -> float:
+    """Median seconds of an fp32 SGD step (forward, backward, update) after one untimed step: what
+    checkpointing costs (docs/memory.md)."""
+    import statistics
+    import time
+
+    from .models import build
+
+    torch.manual_seed(0)
+    model = build(arch, depth, checkpointing=checkpointing).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    took = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        took.append(time.perf_counter() - start)
+    return statistics.median(took[1:])
+
+
 def peak(arch: str, depth: int, precision: str, batch: int, checkpointing: bool = False) -> dict:
     """`step` with backward in a fresh process, so that its ru_maxrss is this step's alone."""
     argv = [sys.executable, "-m", "replicate.memory", "--step", arch, str(depth), precision, str(batch)]
@@ -173,7 +196,7 @@ def fit(kind: str, precision: str) -> tuple[int, int]:
 def main() -> None:
     """Measure ACTIVATIONS afresh and check the lines on deeper nets; then ResNet-1001 one step at
     batches 4 and 8 in a fresh process each, with and without checkpointing, scaled to batch 128."""
-    global ACTIVATIONS
+    global ACTIVATIONS, CHECKPOINTED
     found = {kind: {p: fit(kind, p) for p in ("fp32", "bf16")} for kind in FIT}
     print(f"ACTIVATIONS = {found!r}  # batch {BATCH}")
     ACTIVATIONS = found
@@ -199,6 +222,7 @@ def main() -> None:
                   + ("" if ck else f", saved {(got[4]['saved'] + 124 * (got[8]['saved'] - got[4]['saved']) / 4) / gb:.2f} GB"
                                    f" (the line: {activation_bytes(arch, 1001, 'fp32') / gb:.2f})"))
         print(f"  CHECKPOINTED = {slopes[arch, True] / slopes[arch, False]:.3f}  # {arch}")
+    CHECKPOINTED = round(max(slopes[a, True] / slopes[a, False] for a in ("bottleneck", "preactbottleneck")), 3)
     print("\nResNet-1001 at batch 128, run GB on CUDA (run_gb)")
     for arch in ("bottleneck", "preactbottleneck"):
         for p in ("fp32", "bf16"):
@@ -211,9 +235,14 @@ if __name__ == "__main__":
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--step", nargs=4, metavar=("ARCH", "DEPTH", "PRECISION", "BATCH"),
                     help="(internal: `peak`) one step in this process, printed as JSON")
+    ap.add_argument("--time", nargs=3, metavar=("ARCH", "DEPTH", "BATCH"),
+                    help="print the median seconds of an fp32 training step (--checkpointing: with it)")
     ap.add_argument("--checkpointing", action="store_true")
     args = ap.parse_args()
-    if args.step:
+    if args.time:
+        a, d, b = args.time
+        print(f"{a}-{d} batch {b} checkpointing {args.checkpointing}: {step_seconds(a, int(d), int(b), args.checkpointing):.3f} s a step")
+    elif args.step:
         a, d, p, b = args.step
         print(json.dumps(step(a, int(d), p, int(b), args.checkpointing, backward=True)))
     else:
