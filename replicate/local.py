@@ -47,7 +47,8 @@ class Deepest:
     checkpointing: bool | str = "auto"  # train's activation_checkpointing; resolved per GPU as train.py would
 
     def name(self) -> str:
-        return f"ResNet-{self.depth}" + ("" if self.arch in ("resnet", "plain") else f" ({self.arch})")  # 2015's: alike
+        plain_or_resnet = self.arch in ("resnet", "plain")  # the same memory: named as before
+        return f"ResNet-{self.depth}" + ("" if plain_or_resnet else f" ({self.arch})")
 
 
 @dataclass
@@ -113,11 +114,10 @@ def gpu_fits(gpus: list[str], info: dict[str, GpuInfo], deepest: Deepest) -> tup
     """How many runs like `deepest` each GPU's memory holds, and why, in words."""
     from . import memory
 
-    fits, holds = [], []
+    fits, holds, d = [], [], deepest
     for g in gpus:
         gi = info.get(g, GpuInfo(None))
-        precision = gpu_precision(deepest.precision, gi.capability)
-        d = deepest
+        precision = gpu_precision(d.precision, gi.capability)
         recompute = memory.checkpointing_on(d.checkpointing, d.arch, d.depth, precision, d.batch, gi.gib)
         each = memory.run_gb(d.arch, d.depth, precision, d.batch, recompute)
         n = SLOTS_PER_GPU if gi.gib is None else max(1, int(gi.gib // each))

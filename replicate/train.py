@@ -35,7 +35,8 @@ from .models import build, check_depth, record_responses
 CHECKPOINT = "checkpoint.pt"
 # Fields that cannot change a run's results (resume is exact): a change reruns no DVC stage, and a
 # checkpoint made with another value is still resumed. Every other field is part of what made a run.
-# activation_checkpointing: the same loss, gradients and BN statistics, bitwise (tests/test_checkpointing.py).
+# activation_checkpointing: the same loss, gradients and BN statistics, bitwise in eager mode
+# (tests/test_checkpointing.py); compiled, the rounding of a compiled step (docs/memory.md).
 NO_EFFECT = ("checkpoint_every", "activation_checkpointing")
 
 
