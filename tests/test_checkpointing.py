@@ -2,6 +2,8 @@
 gradients and BN running statistics as without it, bitwise on the CPU; "auto" on only where a run
 would not fit; JOBS=auto counting it on the GPUs where it will be on."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -55,16 +57,23 @@ def test_without_its_recompute_context_bn_would_count_each_batch_twice(monkeypat
     assert twice[2]["layer1.0.bn2.num_batches_tracked"] == 2
 
 
-def test_evaluation_does_not_checkpoint():
-    model = build("preactbottleneck", 20, checkpointing=True).eval()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: pytest.fail("eval saved a tensor"), lambda t: t):
-        with torch.no_grad():
-            model(torch.randn(2, 3, 32, 32))
+def test_it_checkpoints_groups_of_about_sqrt_n_units_when_training_only(monkeypatch):
+    groups, real = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **k: groups.append(len(fn)) or real(fn, *a, **k))
+    model = build("preactbottleneck", 83, checkpointing=True)  # 9 units a stage: 3 groups of 3
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    assert groups == [3] * 9
+    groups.clear()
+    with torch.no_grad():
+        model(x)  # no backward to recompute for
+    model.eval()(x)  # evaluation
+    assert groups == []
 
 
 def test_the_option_is_trains_from_params_yaml_and_has_no_effect_on_results():
-    with open("params.yaml") as f:
-        setting = yaml.safe_load(f)["train"]["activation_checkpointing"]
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    setting = params["train"]["activation_checkpointing"]
     assert Config().activation_checkpointing == setting == "auto"
     assert "activation_checkpointing" in engine.NO_EFFECT
     for value in (True, False, "auto"):
