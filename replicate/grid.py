@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from . import gpus, local, papers, pipeline, slurm
+from . import gpus, local, memory, papers, pipeline, slurm
 from .pipeline import Run
 from .tasks import Task, View, outcome, pins_text, rel
 
@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> None:
         grid_runs = pipeline.runs(params, profile)
         names = [r.name for r in grid_runs]
         protocol = pipeline.train_params(params, profile)
-        deepest = local.Deepest(max(r.depth for r in grid_runs), protocol.get("precision", "auto"),
-                                protocol.get("batch_size", 128))
+        batch = protocol.get("batch_size", 128)
+        largest = max(grid_runs, key=lambda r: memory.run_gb(r.arch, r.depth, "fp32", batch))
+        deepest = local.Deepest(largest.depth, protocol.get("precision", "auto"), batch, largest.arch,
+                                protocol.get("activation_checkpointing", "auto"))
         local.parse_jobs(args.jobs)  # before any DVC command runs
         options = slurm_options(params, args.slurm) if args.executor == "slurm" else {}
         if args.executor == "local":  # a Slurm task checks on its own node (pipeline.train_stage)
@@ -111,9 +113,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def preflight(params: dict, profile: pipeline.Profile, runs: list, pin: dict[str, str]) -> None:
-    """Before GPU workers start: CUDA and one eager step of the deepest net to train, on the first
-    slot (gpus.preflight), in seconds, rather than the same failure in every worker an hour later."""
-    deepest = pipeline.config(params, max(runs, key=lambda r: r.depth), profile)
+    """Before GPU workers start: CUDA and one eager step of the net to train that holds the most
+    memory, on the first slot (gpus.preflight), in seconds, rather than the same failure in every
+    worker an hour later."""
+    batch = pipeline.train_params(params, profile).get("batch_size", 128)
+    largest = max(runs, key=lambda r: memory.run_gb(r.arch, r.depth, "fp32", batch))
+    deepest = pipeline.config(params, largest, profile)
     if deepest.device not in ("auto", "cuda"):  # device: cpu with GPUs present: they stay idle
         return
     try:

@@ -38,11 +38,17 @@ def slots(jobs: str | int, n_runs: int, gpus: list[str] | None = None, cores: in
 
 @dataclass
 class Deepest:
-    """The grid's deepest run, whose memory decides how many runs share a GPU."""
+    """The grid's run that holds the most memory, which decides how many runs share a GPU."""
 
     depth: int
     precision: str = "auto"  # the setting; resolved per GPU as train.py would (device.resolve_precision)
     batch: int = 128
+    arch: str = "resnet"
+    checkpointing: bool | str = "auto"  # train's activation_checkpointing; resolved per GPU as train.py would
+
+    def name(self) -> str:
+        plain_or_resnet = self.arch in ("resnet", "plain")  # the same memory: named as before
+        return f"ResNet-{self.depth}" + ("" if plain_or_resnet else f" ({self.arch})")
 
 
 @dataclass
@@ -108,13 +114,15 @@ def gpu_fits(gpus: list[str], info: dict[str, GpuInfo], deepest: Deepest) -> tup
     """How many runs like `deepest` each GPU's memory holds, and why, in words."""
     from . import memory
 
-    fits, holds = [], []
+    fits, holds, d = [], [], deepest
     for g in gpus:
         gi = info.get(g, GpuInfo(None))
-        precision = gpu_precision(deepest.precision, gi.capability)
-        each = memory.run_gb(deepest.depth, precision, deepest.batch)
+        precision = gpu_precision(d.precision, gi.capability)
+        recompute = memory.checkpointing_on(d.checkpointing, d.arch, d.depth, precision, d.batch, gi.gib)
+        each = memory.run_gb(d.arch, d.depth, precision, d.batch, recompute)
         n = SLOTS_PER_GPU if gi.gib is None else max(1, int(gi.gib // each))
-        net = f"ResNet-{deepest.depth} at batch {deepest.batch} in {precision} ({each:.1f} GB each)"
+        net = (f"{d.name()} at batch {d.batch} in {precision}{', checkpointed' if recompute else ''} "
+               f"({each:.1f} GB each)")
         fits.append(n)
         holds.append(f"memory unknown (no nvidia-smi), {n} assumed for {net}" if gi.gib is None else
                      f"{gi.gib:.1f} GB holds {n} runs of {net}" if gi.gib >= each else

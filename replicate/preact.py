@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import PadShortcut, build, init_weights, norm_layer
+from .models import PadShortcut, build, init_weights, norm_layer, stages
 
 __all__ = [
     "ARCHS", "TABLE1", "TABLE2",
@@ -315,7 +315,7 @@ class CifarResNet2016(nn.Module):
         x = self.conv1(x)
         if self.order != "preact":
             x = self.relu(self.bn1(x))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x = stages(self, x)
         if self.order == "preact":
             x = self.relu(self.bn(x))
         elif self.order == "relupreact":

@@ -35,7 +35,9 @@ from .models import build, check_depth, record_responses
 CHECKPOINT = "checkpoint.pt"
 # Fields that cannot change a run's results (resume is exact): a change reruns no DVC stage, and a
 # checkpoint made with another value is still resumed. Every other field is part of what made a run.
-NO_EFFECT = ("checkpoint_every",)
+# activation_checkpointing: the same loss, gradients and BN statistics, bitwise in eager mode
+# (tests/test_checkpointing.py); compiled, the rounding of a compiled step (docs/memory.md).
+NO_EFFECT = ("checkpoint_every", "activation_checkpointing")
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Config:
     deterministic: bool = False    # CUDA: deterministic kernels, so resume is bitwise exact there too
     compile: bool | str = "auto"   # torch.compile: True, False, or "auto" (where it pays: device.compile_pays)
     cuda_graphs: bool = False      # CUDA only: compile with CUDA graphs (mode="reduce-overhead")
+    activation_checkpointing: bool | str = "auto"  # recompute in backward: True, False, "auto" (memory.checkpointing_on)
 
     def __post_init__(self):
         for name, problem in type_errors(dataclasses.asdict(self)):
@@ -104,6 +107,9 @@ class Config:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"compile must be true, false or 'auto', got {self.compile!r}")
+        if self.activation_checkpointing not in (True, False, "auto"):
+            raise ValueError(f"activation_checkpointing must be true, false or 'auto' (on where a run would not fit "
+                             f"the device's memory), got {self.activation_checkpointing!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
@@ -255,8 +261,15 @@ def make_engine(cfg: Config, dataset: cifar.CifarData) -> Engine:
     ds = cifar.split(dataset, cfg.val_size, cfg.seed)
     loader = cifar.CifarLoader(ds.train_x, ds.train_y, ds.mean, cfg.batch_size, cfg.seed, device, memory_format)
     torch.manual_seed(cfg.seed)  # the weight init
+    from . import memory  # decides activation_checkpointing alone (NO_EFFECT): not a dep of dvc.yaml's train stage
+
+    recompute = memory.checkpointing_on(cfg.activation_checkpointing, cfg.arch, cfg.depth, ran, cfg.batch_size,
+                                        memory.device_gb(device))
+    if recompute and cfg.activation_checkpointing == "auto":
+        print(f"activation_checkpointing auto: on, one run of {cfg.arch}-{cfg.depth} at batch {cfg.batch_size} "
+              f"would not fit the device's {memory.device_gb(device):.0f} GB", flush=True)
     model = build(cfg.arch, cfg.depth, shortcut=cfg.shortcut, bn_batch_size=cfg.bn_batch_size,
-                  num_classes=cifar.source(cfg.dataset).classes).to(
+                  num_classes=cifar.source(cfg.dataset).classes, checkpointing=recompute).to(
         device, memory_format=memory_format)
     optimizer = make_optimizer(model, cfg, device)
     schedule = PaperSchedule(cfg.milestones, cfg.warmup_lr / cfg.lr, warming=cfg.warmup, ramp=cfg.lr_ramp,

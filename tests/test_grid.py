@@ -310,7 +310,8 @@ def fake_machine(monkeypatch, smi):
     (MIG_5GB, 32, local.Deepest(110), 21, "3 per GPU: 4.8 GB holds 3 runs of ResNet-110 at batch 128 in bf16 (1.5 GB each)"),
     (MIG_5GB, 16, local.Deepest(110), 16, "2-3 per GPU: 4.8 GB holds 3 runs of ResNet-110 at batch 128 in bf16 "
                                           "(1.5 GB each), 16 cores feed 16"),
-    (MIG_5GB, 32, local.Deepest(1202), 7, "1 per GPU: 4.8 GB is less than one run of ResNet-1202 at batch 128 in bf16 (9.2 GB each): 1 tries"),  # does not fit: 1 tries
+    (MIG_5GB, 32, local.Deepest(1202, checkpointing=False), 7,
+     "1 per GPU: 4.8 GB is less than one run of ResNet-1202 at batch 128 in bf16 (9.2 GB each): 1 tries"),  # does not fit: 1 tries
     # a T4: fp16 under auto (7.5), fp32 when asked
     (T4, 8, local.Deepest(110), 8, "8 per GPU: 15.0 GB holds 9 runs of ResNet-110 at batch 128 in fp16 (1.5 GB each), "
                                    "8 cores feed 8"),
@@ -320,6 +321,8 @@ def fake_machine(monkeypatch, smi):
     (H100, 16, local.Deepest(110), 16, "16 per GPU: 79.6 GB holds 52 runs of ResNet-110 at batch 128 in bf16 "
                                        "(1.5 GB each), 16 cores feed 16"),
     (H100, 16, local.Deepest(1202), 8, "8 per GPU: 79.6 GB holds 8 runs of ResNet-1202 at batch 128 in bf16 (9.2 GB each)"),
+    # where one run would not fit, activation_checkpointing auto will be on in it, and is counted so
+    (MIG_5GB, 32, local.Deepest(1202), 14, "2 per GPU: 4.8 GB holds 2 runs of ResNet-1202 at batch 128 in bf16, checkpointed (1.6 GB each)"),
 ])
 def test_auto_gives_each_gpu_as_many_runs_as_its_memory_holds(monkeypatch, smi, cores, deepest, want, why):
     fake_machine(monkeypatch, smi)
@@ -328,6 +331,44 @@ def test_auto_gives_each_gpu_as_many_runs_as_its_memory_holds(monkeypatch, smi, 
     assert len(pins) == want and why in said
     seen = [p["CUDA_VISIBLE_DEVICES"] for p in pins]
     assert seen[:len(gpus)] == gpus[:want] and max(map(seen.count, gpus)) - min(map(seen.count, gpus)) <= 1
+
+
+A100_40GB = ("GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3b)\n",
+             "0, GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3b, 40960, 8.0\n")
+A10_24GB = ("GPU 0: NVIDIA A10 (UUID: GPU-1a2b3c4d-0000-1111-2222-333344445555)\n",
+            "0, GPU-1a2b3c4d-0000-1111-2222-333344445555, 23028, 8.6\n")
+
+
+@pytest.mark.parametrize("smi, gib, precision, checkpointed", [
+    (A100_40GB, 40.0, "bf16", False), (A100_40GB, 40.0, "fp32", False), (H100, 79.6, "bf16", False),
+    (A10_24GB, 22.5, "fp32", True),  # ResNet-1001 in fp32 does not fit 24 GB: checkpointed
+])
+def test_auto_counts_resnet_1001s_bottleneck_memory(monkeypatch, smi, gib, precision, checkpointed):
+    """ResNet-1001 is 9n+2 bottlenecks, not 6n+2 basic blocks: its own line (memory.ACTIVATIONS)."""
+    from replicate import memory
+
+    fake_machine(monkeypatch, smi)
+    each = memory.run_gb("preactbottleneck", 1001, precision, 128, checkpointing=checkpointed)
+    assert memory.run_gb("preactbottleneck", 1001, precision, 128) > gib if checkpointed else each < gib
+    pins, said = local.plan("auto", 64, cores=16, memory_gb=100,
+                            deepest=local.Deepest(1001, precision, arch="preactbottleneck"))
+    assert len(pins) == int(gib // each) > 0
+    assert said == (f"{int(gib // each)} per GPU: {gib:.1f} GB holds {int(gib // each)} runs of ResNet-1001 "
+                    f"(preactbottleneck) at batch 128 in {precision}{', checkpointed' if checkpointed else ''} "
+                    f"({each:.1f} GB each)")
+
+
+def test_the_2016_grid_counts_its_resnet_1001s(monkeypatch, capsys):
+    """Its largest run is ResNet-1001 (not the deepest basic-block net): 2 per 40 GB GPU in bf16."""
+    fake_machine(monkeypatch, A100_40GB)
+    monkeypatch.setattr(local, "cpu_count", lambda: 16)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(grid, "dvc", lambda *args, root, capture=False: subprocess.CompletedProcess(args, 0))
+    monkeypatch.setattr(grid, "pending", lambda stages, root: stages)
+    monkeypatch.setattr(local, "run_local", lambda tasks, root, view, pins, again=None: {t.run: 0 for t in tasks})
+    monkeypatch.setattr(grid, "preflight", lambda *args: None)
+    grid.main(["--paper", "2016"])
+    assert "because 2 per GPU: 40.0 GB holds 2 runs of ResNet-1001 (bottleneck) at batch 128 in bf16" in capsys.readouterr().out
 
 
 def test_the_grids_start_line_says_why_it_chose_k(monkeypatch, capsys):

@@ -106,11 +106,13 @@ def test_a_value_of_the_wrong_type_names_its_key_once(params, key, value, error)
 
 
 def test_each_stage_declares_the_params_it_reads_and_no_others(params, tmp_path):
-    """checkpoint_every changes no result (resume is exact), so no stage declares it; the quick runs
-    read quick.train's keys, and train's only where quick.train does not replace them."""
+    """checkpoint_every and activation_checkpointing change no result (train.NO_EFFECT), so no stage
+    declares them; the quick runs read quick.train's keys, and train's only where quick.train does
+    not replace them."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     train_keys = stages["train"]["do"]["params"]
-    assert set(train_keys) == {f"train.{k}" for k in params["train"]} - {"train.checkpoint_every"}
+    assert set(train_keys) == {f"train.{k}" for k in params["train"]} - {"train.checkpoint_every",
+                                                                         "train.activation_checkpointing"}
     quick_keys = set(stages["quick"]["do"]["params"])
     assert "quick.train.iterations" in quick_keys and "train.iterations" not in quick_keys
     assert "train.lr" in quick_keys and not any(k.endswith("checkpoint_every") for k in quick_keys)
