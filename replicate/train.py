@@ -509,11 +509,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="run folder (checkpoint, metrics, history)")
     p.add_argument("--params", default=None, help="params.yaml whose `train` section sets the protocol")
     flag = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
-    kind = {"milestones": lambda s: [int(v) for v in s.split(",")], "warmup": flag, "deterministic": flag,
-            "cuda_graphs": flag,
-            "bn_batch_size": lambda s: None if s.lower() in ("null", "none") else int(s),
-            "shortcut": lambda s: None if s.lower() in ("null", "none") else s,
-            "compile": lambda s: "auto" if s.lower() == "auto" else flag(s)}
+    auto_or_flag = lambda s: "auto" if s.lower() == "auto" else flag(s)  # noqa: E731
+
+    def null_or(parse):
+        return lambda s: None if s.lower() in ("null", "none") else parse(s)
+    kind = {"milestones": lambda s: [int(v) for v in s.split(",")], "warmup": null_or(flag), "deterministic": flag,
+            "cuda_graphs": flag, "bn_batch_size": null_or(int), "shortcut": null_or(str),
+            "compile": auto_or_flag, "activation_checkpointing": auto_or_flag}
     for f in dataclasses.fields(Config):  # absent unless given: `--shortcut null` must set None, not be skipped
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
                        type=kind.get(f.name, type(f.default) if f.default is not dataclasses.MISSING else str))

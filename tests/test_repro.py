@@ -260,6 +260,11 @@ def test_the_sequels_quick_look_and_grid_keep_apart_from_2015s(grid_project):
     assert {f"train2016@{n}" for n in GRID2016} | {f"quick2016@{n}" for n in QUICK2016} <= set(lock)
     assert "Data and pipelines are up to date." in dvc("status", "--with-deps", "report", "report2016",
                                                        "quick2016-report", cwd=project).stdout
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=project).stdout)  # the sequel's runs, a row each
+    rows = {path: m["data"] for rev in shown.values() for path, m in rev["data"].items()}
+    for name in GRID2016:
+        assert rows[f"results/2016/{name}/metrics.json"]["test_error"] == read_outputs(
+            project / "results" / "2016" / name)["test_error"]
 
 
 def test_a_failing_run_does_not_stop_the_others_and_no_report_is_built(grid_project):

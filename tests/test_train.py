@@ -198,9 +198,11 @@ def test_cli_null_sets_none_over_the_params_file(tmp_path, cifar_root):
     params.write_text("train:\n  shortcut: A\n  iterations: 4\n  milestones: [2]\n  batch_size: 16\n  log_every: 2\n"
                       "  eval_every: 2\n  checkpoint_every: 2\n  device: cpu\n  compile: false\n")
     engine.main(["--params", str(params), "--data", str(cifar_root), "--out", str(tmp_path / "run"),
-                 "--arch", "preactbottleneck", "--depth", "11", "--shortcut", "null"])
+                 "--arch", "preactbottleneck", "--depth", "11", "--shortcut", "null", "--activation-checkpointing", "true",
+                 "--warmup", "null"])
     m = read_outputs(tmp_path / "run")
     assert m["config"]["shortcut"] is None and m["shortcut"] == "B"
+    assert m["config"]["activation_checkpointing"] is True and m["config"]["warmup"] is False  # null: by depth, < 110
 
 
 def test_cli_names_a_tab_in_the_params_file_without_a_traceback(tmp_path):
