@@ -407,12 +407,13 @@ def train_stage(run: Run, out: str | Path, params_path: str | Path = PARAMS, not
 
 def report_stage(params_path: str | Path = PARAMS, profile: Profile | str = "paper",
                  notebook: str | Path = REPORT_NOTEBOOK, results: str | Path | None = None,
-                 out: str | Path | None = None) -> Path:
+                 out: str | Path | None = None, label: str = "") -> Path:
     """Stage `report` (or `quick-report`, `report2016`, ...): the report notebook on exactly the
-    profile's runs. With `results` (and `out`), on every run below that folder instead."""
+    profile's runs. With `results` (and `out`), on every run below that folder instead, captioned
+    with `label` (what those runs are: params.yaml does not say)."""
     p = profile = _as_profile(profile)
     if results is not None:
-        names, caption_text = None, ""
+        names, caption_text = None, label
         out = Path(out or p.reports)
     else:
         params = load_params(params_path)
@@ -576,6 +577,7 @@ def main(argv: list[str] | None = None) -> None:
     pr = sub.add_parser("report", help="run notebooks/report.ipynb on the profile's runs")
     pr.add_argument("--results", help="instead: every run below this folder")
     pr.add_argument("--out", help="with --results: the report's folder (default: the profile's)")
+    pr.add_argument("--caption", default="", help="with --results: what the runs are, on every table and figure")
     pr.add_argument("--notebook", default=REPORT_NOTEBOOK)
     for q in (pt, pr, pf):
         q.add_argument("--paper", choices=sorted(_papers().PAPERS), default=_papers().DEFAULT)
@@ -603,7 +605,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"pinned {pinned}: check that {cifar.md5_key(src)} in {args.params} is its md5")
         elif args.cmd == "report":
             profile = profile_of(args.paper, args.profile)
-            print(f"executed {report_stage(args.params, profile, args.notebook, args.results, args.out)}")
+            print(f"executed {report_stage(args.params, profile, args.notebook, args.results, args.out, args.caption)}")
         else:
             run, profile = Run.parse(args.run), profile_of(args.paper, args.profile)
             print(f"executed {train_stage(run, args.out, args.params, args.notebook, args.data, profile)}")

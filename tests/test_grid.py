@@ -358,28 +358,27 @@ def test_auto_counts_resnet_1001s_bottleneck_memory(monkeypatch, smi, gib, preci
                     f"({each:.1f} GB each)")
 
 
-def test_the_2016_grid_counts_its_resnet_1001s(monkeypatch, capsys):
-    """Its largest run is ResNet-1001 (not the deepest basic-block net): 2 per 40 GB GPU in bf16."""
-    fake_machine(monkeypatch, A100_40GB)
-    monkeypatch.setattr(local, "cpu_count", lambda: 16)
+def grid_without_dvc(monkeypatch, smi, cores: int) -> None:
+    """grid.main on a faked GPU machine, in the checkout, with no DVC process and no training."""
+    fake_machine(monkeypatch, smi)
+    monkeypatch.setattr(local, "cpu_count", lambda: cores)
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     monkeypatch.setattr(grid, "dvc", lambda *args, root, capture=False: subprocess.CompletedProcess(args, 0))
     monkeypatch.setattr(grid, "pending", lambda stages, root: stages)
     monkeypatch.setattr(local, "run_local", lambda tasks, root, view, pins, again=None: {t.run: 0 for t in tasks})
-    monkeypatch.setattr(grid, "preflight", lambda *args: None)
+    monkeypatch.setattr(grid, "preflight", lambda *args: None)  # tests/test_gpus.py tests it
+
+
+def test_the_2016_grid_counts_its_resnet_1001s(monkeypatch, capsys):
+    """Its largest run is ResNet-1001 (not the deepest basic-block net): 2 per 40 GB GPU in bf16."""
+    grid_without_dvc(monkeypatch, A100_40GB, cores=16)
     grid.main(["--paper", "2016"])
     assert "because 2 per GPU: 40.0 GB holds 2 runs of ResNet-1001 (bottleneck) at batch 128 in bf16" in capsys.readouterr().out
 
 
 def test_the_grids_start_line_says_why_it_chose_k(monkeypatch, capsys):
     """The deepest run of the profile decides (quick: ResNet-56), in the precision its GPU will run."""
-    fake_machine(monkeypatch, T4)
-    monkeypatch.setattr(local, "cpu_count", lambda: 4)
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    monkeypatch.setattr(grid, "dvc", lambda *args, root, capture=False: subprocess.CompletedProcess(args, 0))
-    monkeypatch.setattr(grid, "pending", lambda stages, root: stages)
-    monkeypatch.setattr(local, "run_local", lambda tasks, root, view, pins, again=None: {t.run: 0 for t in tasks})
-    monkeypatch.setattr(grid, "preflight", lambda *args: None)  # tests/test_gpus.py tests it
+    grid_without_dvc(monkeypatch, T4, cores=4)
     grid.main(["--profile", "quick"])
     out = capsys.readouterr().out
     assert "4 to train (4 at a time: OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=0; " in out

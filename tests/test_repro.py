@@ -234,7 +234,7 @@ def test_the_sequels_quick_look_and_grid_keep_apart_from_2015s(grid_project):
     assert "training error, 8 layers: " in verdicts  # the identity shortcut against scaling: tested
     assert (project / "reports" / "2016" / "quick" / "quick.png").is_file()
 
-    assert not (project / "data" / "cifar-100-python.tar.gz").exists()  # the quick look needs no CIFAR-100
+    assert not (project / "data" / "cifar-100-python").exists()  # the quick look prepares no CIFAR-100
     done = make(project, "repro", "PAPER=2016", "JOBS=2")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "dvc repro prepare prepare-cifar100 check" in done.stdout
