@@ -47,11 +47,12 @@ class Source:
     labels: bytes          # the batch dicts' label key: CIFAR-100 has 100 "fine" and 20 "coarse" labels
     classes: int
     pin: str               # the .dvc file beside dvc.yaml that pins the tarball
+    make: str              # the command that fetches it: the first paper that runs on it
 
     @property
     def how_to_get(self) -> str:
         flag = "" if self is DATASETS["cifar10"] else f" --dataset {key_of(self)}"
-        return (f"Run `make repro` (it downloads and checks the tarball with DVC), or put the official "
+        return (f"Run `{self.make}` (it downloads and checks the tarball with DVC), or put the official "
                 f"{self.tarball} (md5 {self.md5}) in data/ and run `python -m replicate.data prepare "
                 f"data/{self.tarball} data{flag}`.")
 
@@ -60,10 +61,10 @@ class Source:
 # is the default and is never written; the sequel's Table 3 also runs on "cifar100".
 DATASETS = {
     "cifar10": Source("CIFAR-10", URL, TARBALL, MD5, FOLDER, tuple(TRAIN_BATCHES), TEST_BATCH, META, b"labels", 10,
-                      "data.dvc"),
+                      "data.dvc", "make repro"),
     "cifar100": Source("CIFAR-100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                        "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python", ("train",),
-                       "test", "meta", b"fine_labels", 100, "data-cifar100.dvc"),
+                       "test", "meta", b"fine_labels", 100, "data-cifar100.dvc", "make repro PAPER=2016"),
 }
 DEFAULT = "cifar10"
 HOW_TO_GET = DATASETS[DEFAULT].how_to_get
@@ -244,7 +245,7 @@ def md5_mismatch(tarball: str | Path, got: str, expected: str, pinned: str | Non
                 f"edited {key}, set it back to {src.md5}; if not, put the tarball with md5 {expected} in its place.")
     pin = f"{pinned}, the md5 {src.pin} pins; " if pinned and pinned != expected else ""
     return (f"{head} Either {key} was edited: put back the right one ({pin}{official}). Or {key} is right and "
-            f"the tarball is corrupt, truncated or another file: only then delete it and run `make repro` to fetch "
+            f"the tarball is corrupt, truncated or another file: only then delete it and run `{src.make}` to fetch "
             f"it again.")
 
 

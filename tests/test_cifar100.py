@@ -48,7 +48,7 @@ def test_a_corrupt_or_wrong_tarball_is_refused_and_nothing_is_left(tarball, tmp_
     with pytest.raises(ValueError, match="expected eb9058c3a382ffc7106e4002c42a8d85 \\(data.cifar100.md5 in params.yaml\\)"
                                          ".*the official CIFAR-100 tarball's is"):
         cifar.prepare(truncated, out, dataset="cifar100")
-    with pytest.raises(ValueError, match="is not a readable tar.gz"):  # the md5 it was told, but corrupt
+    with pytest.raises(ValueError, match="is not a readable tar.gz .*Run `make repro PAPER=2016`"):  # the md5 it was told, but corrupt
         cifar.prepare(truncated, out, cifar.md5sum(truncated), dataset="cifar100")
     with pytest.raises(ValueError, match="has no file cifar-100-python/train: it is not the CIFAR-100 python tarball"):
         cifar.prepare(cifar_tarball, out, cifar.md5sum(cifar_tarball), dataset="cifar100")  # CIFAR-10's
