@@ -178,7 +178,7 @@ def markdown(t: pd.DataFrame, kind: str = "paper") -> list[str]:
     for name, part in t.groupby("table", sort=False):
         data = " and ".join(dict.fromkeys(part.data))
         caption = (f"{name}: {data} test error (%) at the final iteration, the median over seeds (mean±std with "
-                   f"several), as the paper reports them; 'fail' is above {FAIL:g}%."
+                   f"several), as the paper reports them; 'fail' is a CIFAR-10 test error above {FAIL:g}%."
                    if name != "Other runs" else "Other runs: nets that are in none of the paper's tables.")
         out.append(f"{caption}\n\n" + _markdown(part[["case", "net", "ours", "paper"]].rename(
             columns={"ours": "ours (%)", "paper": "paper (%)"}), right={"paper (%)"}))
