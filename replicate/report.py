@@ -229,6 +229,16 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+def cell(runs: int, diverged: int, numbers: str | None) -> str:
+    """What a table says of a net with `runs` runs, `diverged` of them diverged: 'missing',
+    'diverged (2 of 2)', or its `numbers` (None: none finished) and '; 1 of 5 diverged'."""
+    if runs == 0:
+        return "missing"
+    if numbers is None:
+        return "diverged" if diverged == 1 else f"diverged ({diverged} of {diverged})"
+    return numbers + (f"; {diverged} of {runs} diverged" if diverged else "")
+
+
 def write_verdicts(lines: list[str], out_dir: str | Path) -> Path:
     path = Path(out_dir) / "verdicts.md"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from ..models import ARCHS
-from ..report import (NO_LINE, TEST_STYLE, TRAIN_STYLE, Runs, _figure, _markdown, _status, _yes, count_params,
+from ..report import (NO_LINE, TEST_STYLE, TRAIN_STYLE, Runs, _figure, _markdown, _status, _yes, cell, count_params,
                       depth_colours, net_name, params_m, save)
 
 YEAR = "2015"
@@ -96,12 +96,7 @@ def table6(runs: Runs, profile: str = "paper") -> pd.DataFrame:
         sel = runs.select(arch, depth, shortcut)
         done = sel[~sel.diverged & sel.test_error.notna()]
         errors, n_div = done.test_error, int(sel.diverged.sum())
-        if sel.empty:
-            ours = "missing"
-        elif done.empty:
-            ours = "diverged" if n_div == 1 else f"diverged ({n_div} of {n_div})"
-        else:
-            ours = best_mean_std(errors) + (f"; {n_div} of {len(sel)} diverged" if n_div else "")
+        ours = cell(len(sel), n_div, None if done.empty else best_mean_std(errors))
         params = int(sel.params.iloc[0]) if len(sel) else count_params(arch, depth, shortcut)
         paper = PAPER_TABLE6.get(depth) if (arch, shortcut) == ("resnet", "A") else None
         row = {

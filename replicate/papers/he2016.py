@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..data import source
 from ..preact import ARCHS, TABLE1, TABLE2
-from ..report import TEST_STYLE, TRAIN_STYLE, Runs, _figure, _markdown, _yes, save
+from ..report import TEST_STYLE, TRAIN_STYLE, Runs, _figure, _markdown, _yes, cell, save
 
 YEAR = "2016"
 TITLE = "He et al. 2016, Identity Mappings in Deep Residual Networks (arXiv:1603.05027)"
@@ -70,7 +70,8 @@ def rows() -> list[tuple[str, str, str, int, object, str]]:
     """(table, case, arch, depth, the paper's error, data set) of every cell of Tables 1 to 3."""
     cells = [("Table 1", case, arch, 110, PAPER_TABLE1[case], "cifar10") for case, arch in TABLE1.items()]
     for case, archs in TABLE2.items():
-        cells += [("Table 2", case, arch, d, err, "cifar10") for arch, d, err in zip(archs, (110, 164), PAPER_TABLE2[case])]
+        cells += [("Table 2", case, arch, d, err, "cifar10")
+                  for arch, d, err in zip(archs, (110, 164), PAPER_TABLE2[case])]
     for data, net, d, (orig, e_orig), (pre, e_pre) in PAPER_TABLE3:
         net = f"{net} ({source(data).name})"
         cells += [("Table 3", f"{net}, original", orig, d, e_orig, data),
@@ -110,17 +111,15 @@ def stats(runs: Runs, arch: str, depth: int, column: str = "test_error", fail: b
               else done[column].dropna())
     n_div = int(sel.diverged.sum())
     out = {"runs": len(values), "diverged": n_div, "median": math.nan, "mean": math.nan, "std": math.nan}
-    if sel.empty:
-        return {**out, "text": "missing"}
     if values.empty:
-        return {**out, "text": "diverged" if n_div == 1 else f"diverged ({n_div} of {n_div})"}
+        return {**out, "text": cell(len(sel), n_div, None)}
     out.update(median=float(values.median()), mean=float(values.mean()),
                std=float(values.std()) if len(values) > 1 else math.nan)
     text = f"{out['median']:.2f}" if len(values) == 1 else (
         f"{out['median']:.2f} ({out['mean']:.2f}±{out['std']:.2f}, {len(values)} runs)")
     if fail and column == "test_error" and out["median"] > FAIL:
         text = f"fail ({text})"
-    return {**out, "text": text + (f"; {n_div} of {len(sel)} diverged" if n_div else "")}
+    return {**out, "text": cell(len(sel), n_div, text)}
 
 
 def _paper_text(err) -> str:
