@@ -19,7 +19,7 @@ from replicate import data as cifar
 from replicate import train as engine
 from replicate.outputs import METRIC_KEYS
 from replicate.outputs import read as read_outputs
-from replicate.train import Config, train
+from replicate.train import NO_EFFECT, Config, train
 
 TINY = dict(arch="resnet", depth=8, iterations=12, milestones=[8], batch_size=32, log_every=4, eval_every=4,
             checkpoint_every=4, device="cpu", compile=False)
@@ -191,7 +191,7 @@ def test_metrics_json_holds_the_metrics_only_and_run_json_the_rest(finished, sma
     assert {"arch", "depth", "shortcut", "seed", "config", "made_by", "commit", "torch", "device",
             "iterations"} <= set(ran)
     assert ran["made_by"] == checkpoint.made_by(
-        {k: v for k, v in ran["config"].items() if k != "checkpoint_every"}, cifar.fingerprint(small_dataset),
+        {k: v for k, v in ran["config"].items() if k not in NO_EFFECT}, cifar.fingerprint(small_dataset),
         replicate.code_fingerprint(), "cpu")
     assert read_outputs(finished) == {**ran, **metrics}
 
