@@ -486,7 +486,7 @@ def fetch(md5: str, dvc_file: str | Path = DATA_PIN) -> Path:
     key = cifar.md5_key(src)
     by_hand = (
         f"Put a copy of the {src.name} python tarball at {tarball.resolve()} (md5 {md5}, "
-        f"{out.get('size', '?')} bytes, from {url}), then run `make repro` again: the copy is "
+        f"{out.get('size', '?')} bytes, from {url}), then run `{src.make}` again: the copy is "
         "checked and used with no download."
     )
     if not tarball.exists():
@@ -506,7 +506,7 @@ def fetch(md5: str, dvc_file: str | Path = DATA_PIN) -> Path:
             f"{tarball} has the md5 {key} asks for ({got}), but {dvc_file} pins another tarball (md5 "
             f"{pinned}, from {url}), which `dvc repro` would try to fetch. Pin this copy: move it out of data/ "
             f"(`mv {tarball} ~/`), run `python -m replicate.pipeline import-data ~/{tarball.name}{flag}`, keep "
-            f"{key} {got} in params.yaml, then run `make repro` (or `make quick`) again.")
+            f"{key} {got} in params.yaml, then run `{src.make}`{' (or `make quick`)' if not flag else ''} again.")
     _commit_to_cache(dvc_file)
     return tarball
 

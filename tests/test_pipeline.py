@@ -324,6 +324,17 @@ def test_fetch_offline_says_where_to_put_the_tarball(offline_repo):
     assert (offline_repo / "data.dvc").read_text() == before
 
 
+def test_fetch_offline_names_the_cifar100_tarball_and_the_sequels_command(offline_repo):
+    src = cifar.source("cifar100")
+    text = (ROOT / src.pin).read_text().replace(src.url, "http://127.0.0.1:9/cifar-100-python.tar.gz")
+    (offline_repo / src.pin).write_text(text)
+    pipeline.restamp(offline_repo / src.pin)
+    with pytest.raises(FileNotFoundError) as e:
+        pipeline.fetch(src.md5, offline_repo / src.pin)
+    assert (f"Put a copy of the CIFAR-100 python tarball at {(offline_repo / 'data' / src.tarball).resolve()} "
+            f"(md5 {src.md5}") in str(e.value) and "then run `make repro PAPER=2016` again" in str(e.value)
+
+
 def test_fetch_accepts_a_copy_by_hand_without_download(offline_repo, cifar_tarball):
     md5 = cifar.md5sum(cifar_tarball)
     pin = offline_repo / "data.dvc"
