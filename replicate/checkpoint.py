@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import DEFAULT, suffix
+
 
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over the target:
@@ -88,7 +90,7 @@ def made_by(config: dict, data: str, code: str, device_type: str) -> dict:
 
 
 IDENTITY = ("arch", "depth", "seed", "dataset")  # the run itself: its folder's name
-UNSAID = {"dataset": "cifar10"}  # what a checkpoint made before a key existed had
+UNSAID = {"dataset": DEFAULT}  # what a checkpoint made before a key existed had
 
 
 def changes(saved: dict, ours: dict) -> list[str]:
@@ -115,7 +117,7 @@ def check_identity(saved: dict, ours: dict, path: Path) -> None:
 
     def name(c: dict) -> str:  # as pipeline.Run names it: a CIFAR-10 run's name has no data set
         arch, depth, seed, dataset = key(c)
-        return f"{arch}-{depth}-{seed}" + ("" if dataset == UNSAID["dataset"] else f"-{dataset}")
+        return f"{arch}-{depth}-{seed}{suffix(dataset)}"
 
     if key(config) != key(ours["config"]):
         theirs, now = (name(c) for c in (config, ours["config"]))

@@ -81,6 +81,12 @@ def source(dataset: str) -> Source:
     return DATASETS[dataset]
 
 
+def suffix(dataset: str) -> str:
+    """What a run name says of its data set: nothing for CIFAR-10 (every name before CIFAR-100),
+    '-cifar100' otherwise (preactbottleneck-164-0-cifar100)."""
+    return "" if dataset == DEFAULT else f"-{dataset}"
+
+
 def key_of(src: Source) -> str:
     return next(k for k, v in DATASETS.items() if v is src)
 

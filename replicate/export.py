@@ -95,8 +95,7 @@ def stem(m: dict) -> str:
     the default (not on bottleneck units, which always project); the data set as run names have it."""
     own = "B" if m["arch"] in preact.ARCHS and preact.ARCHS[m["arch"]].unit == "bottleneck" else "A"
     b = "-B" if m.get("shortcut", "A") == "B" and own == "A" and m["arch"] != "plain" else ""
-    dataset = dataset_of(m)
-    return f"{m['arch']}-{m['depth']}{b}-{m['seed']}" + ("" if dataset == cifar.DEFAULT else f"-{dataset}")
+    return f"{m['arch']}-{m['depth']}{b}-{m['seed']}{cifar.suffix(dataset_of(m))}"
 
 
 def export_run(folder: Path, run: str, m: dict, mean, data: dict, out: Path) -> dict:

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         names = [r.name for r in grid_runs]
         protocol = pipeline.train_params(params, profile)
         batch = protocol.get("batch_size", 128)
-        largest = max(grid_runs, key=lambda r: memory.run_gb(r.arch, r.depth, "fp32", batch))
+        largest = largest_run(grid_runs, batch)
         deepest = local.Deepest(largest.depth, protocol.get("precision", "auto"), batch, largest.arch,
                                 protocol.get("activation_checkpointing", "auto"))
         local.parse_jobs(args.jobs)  # before any DVC command runs
@@ -112,13 +112,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"grid: report in {profile.reports}/ ({', '.join(shown)})")
 
 
+def largest_run(runs: list[Run], batch: int) -> Run:
+    """The run that holds the most memory (memory.run_gb): ResNet-1001, not the deepest basic net."""
+    return max(runs, key=lambda r: memory.run_gb(r.arch, r.depth, "fp32", batch))
+
+
 def preflight(params: dict, profile: pipeline.Profile, runs: list, pin: dict[str, str]) -> None:
     """Before GPU workers start: CUDA and one eager step of the net to train that holds the most
     memory, on the first slot (gpus.preflight), in seconds, rather than the same failure in every
     worker an hour later."""
     batch = pipeline.train_params(params, profile).get("batch_size", 128)
-    largest = max(runs, key=lambda r: memory.run_gb(r.arch, r.depth, "fp32", batch))
-    deepest = pipeline.config(params, largest, profile)
+    deepest = pipeline.config(params, largest_run(runs, batch), profile)
     if deepest.device not in ("auto", "cuda"):  # device: cpu with GPUs present: they stay idle
         return
     try:

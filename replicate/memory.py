@@ -155,8 +155,10 @@ def step_seconds(arch: str, depth: int, batch: int, checkpointing: bool, steps: 
     checkpointing costs (docs/memory.md)."""
     import statistics
     import time
+    from contextlib import nullcontext
 
     from .models import build
+    from .train import train_step
 
     torch.manual_seed(0)
     model = build(arch, depth, checkpointing=checkpointing).to(memory_format=torch.channels_last).train()
@@ -166,15 +168,13 @@ def step_seconds(arch: str, depth: int, batch: int, checkpointing: bool, steps: 
     took = []
     for _ in range(steps + 1):
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
+        train_step(model, optimizer, x, y, nullcontext)  # fp32: no autocast
         took.append(time.perf_counter() - start)
     return statistics.median(took[1:])
 
 
 def peak(arch: str, depth: int, precision: str, batch: int, checkpointing: bool = False) -> dict:
-    """`step` with backward in a fresh process, so that its ru_maxrss is this step's alone."""
+    """`step` with backward in a fresh process, so that its peak (peak_rss) is this step's alone."""
     argv = [sys.executable, "-m", "replicate.memory", "--step", arch, str(depth), precision, str(batch)]
     # A fixed mmap threshold gives every tensor over 64 KiB back to the system when freed; glibc's
     # default one rises as tensors are freed, and the heap they then come from never shrinks back.

@@ -56,8 +56,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        tail = "" if self.dataset == cifar.DEFAULT else f"-{self.dataset}"
-        return f"{self.arch}-{self.depth}-{self.seed}{tail}"
+        return f"{self.arch}-{self.depth}-{self.seed}{cifar.suffix(self.dataset)}"
 
     @classmethod
     def parse(cls, name: str) -> "Run":

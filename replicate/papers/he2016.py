@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from ..data import source
+from ..data import source, suffix
 from ..preact import ARCHS, TABLE1, TABLE2
 from ..report import TEST_STYLE, TRAIN_STYLE, Runs, _figure, _markdown, _yes, cell, save
 
@@ -81,7 +81,7 @@ def rows() -> list[tuple[str, str, str, int, object, str]]:
 
 def net(arch: str, depth: int, dataset: str = "cifar10") -> str:
     """A net as its runs are named: preact-110, preactbottleneck-164-cifar100."""
-    return f"{arch}-{depth}" + ("" if dataset == "cifar10" else f"-{dataset}")
+    return f"{arch}-{depth}{suffix(dataset)}"
 
 
 def _paper_row(arch: str, dataset: str = "cifar10") -> tuple[str, object]:
